@@ -1,0 +1,45 @@
+"""`lmopt` command line: one module per tool (polygraphy's layout), each with add_parser() and run()."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import LmoptError
+
+# Each tool module defines add_parser(subparsers) -> parser and run(args) -> int exit code.
+TOOLS = ["inspect", "merge", "profile", "optimize", "build"]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lmopt",
+        description="Latency-aware depth compression for ONNX models (LayerMerge).",
+    )
+    parser.add_argument("--version", action="version", version=f"lmopt {__version__}")
+    subparsers = parser.add_subparsers(dest="tool", metavar="TOOL")
+    subparsers.required = True
+    for name in TOOLS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        sub = module.add_parser(subparsers)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except LmoptError as exc:
+        print(f"lmopt {args.tool}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lmopt {args.tool}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Reading and writing ONNX files: clear errors for bad files, atomic writes, an IR version ORT accepts."""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .errors import LmoptError
+
+# Opset used for every model lmopt builds itself (blocks, test chains, the model zoo).
+# 17 is accepted by onnxruntime >= 1.14 and by TensorRT 10.3 (JetPack 6).
+DEFAULT_OPSET = 17
+
+
+@functools.lru_cache(maxsize=1)
+def max_ir_version() -> int:
+    """Highest ONNX IR version the installed onnxruntime loads (onnx may write a newer one)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        model.ir_version = ir
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ir
+        except Exception:  # ORT raises its own Fail type for "unsupported IR version"
+            continue
+    return 7
+
+
+def runtime_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Clamp the IR version so the installed onnxruntime accepts the model (in place, returned)."""
+    model.ir_version = min(model.ir_version or onnx.IR_VERSION, max_ir_version())
+    return model
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file with its external data; one clear LmoptError for anything that is not ONNX."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmoptError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        raise LmoptError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'})") from None
+    if not model.graph.node:
+        raise LmoptError(f"{path}: not a readable ONNX model (the graph has no nodes)")
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically (temp file in the same folder, then rename); large models get external data."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runtime_compatible(model)
+    large = model.ByteSize() > 1_900_000_000  # protobuf's 2 GiB limit, with room to spare
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if large:
+            data_name = path.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name)
+            # onnx wrote the data file beside tmp under its final name already
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
