@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import LmoptError
@@ -39,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmopt {args.tool}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmopt inspect ... | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
+        if os.environ.get("LMOPT_DEBUG"):
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"lmopt {args.tool}: internal error: {type(exc).__name__}: {detail} (LMOPT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""`lmopt inspect`: the chains, layers, activations, residual spans and candidates lmopt finds."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from ..analysis import analyse
+from ..candidates import enumerate_candidates
+from .common import add_model_arguments, load_canonical, print_json
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser("inspect", help="show what lmopt can merge, prune and remove in a model")
+    add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the structure as JSON")
+    parser.add_argument("--max-kernel", type=int, default=7, help="largest merged kernel counted (default 7)")
+    return parser
+
+
+def layer_text(unit, nodes) -> str:
+    node = nodes[unit.layer]
+    if unit.op == "Conv":
+        weight = node.inputs[1].shape
+        kernel = "x".join(map(str, weight[2:]))
+        stride = node.attrs.get("strides", [1])[0]
+        group = node.attrs.get("group", 1)
+        kind = "dw" if group > 1 and group == weight[0] and weight[1] == 1 else (f"g{group}" if group > 1 else "")
+        return f"conv{kernel}{kind} s{stride} {weight[1] * group}->{weight[0]}"
+    return f"{unit.op.lower()} {unit.in_shape[-1]}->{unit.out_shape[-1]}"
+
+
+def summary(model, steps, max_kernel: int) -> dict:
+    analysis = analyse(model)
+    graph = gs.import_onnx(model)
+    nodes = {n.name: n for n in graph.nodes}
+    candidates = enumerate_candidates(analysis, graph, max_kernel=max_kernel)
+    chains = []
+    for chain in analysis.chains:
+        units = []
+        for k, unit in enumerate(chain.units, start=1):
+            entry = {"unit": k, "layer": unit.layer, "what": layer_text(unit, nodes),
+                     "activation": unit.act.kind if unit.act else None, "prunable": unit.prunable}
+            if unit.skip:
+                entry["residual_from"] = unit.skip.position if unit.skip.position is not None else "outside"
+                entry["shortcut"] = "projection" if unit.skip.projection else "identity"
+            units.append(entry)
+        mine = [c for c in candidates if c.chain == chain.index]
+        chains.append({"chain": chain.index, "kind": chain.kind, "layers": len(chain), "units": units,
+                       "blocks": len({(c.start, c.end) for c in mine}), "candidates": len(mine)})
+    return {
+        "model": str(model.graph.name),
+        "canonicalisation": steps,
+        "chains": chains,
+        "activations": analysis.activations,
+        "residual_spans": sum(1 for c in analysis.chains for u in c.units if u.skip),
+        "blocks": sum(c["blocks"] for c in chains),
+        "candidates": len(candidates),
+        "stops": analysis.stops,
+        "unsupported": analysis.unsupported,
+    }
+
+
+def run(args) -> int:
+    model, steps = load_canonical(args)
+    info = summary(model, steps, args.max_kernel)
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"{args.model}: {len(info['chains'])} chains, {info['residual_spans']} residual spans, "
+          f"{info['blocks']} blocks, {info['candidates']} candidates (merged kernel <= {args.max_kernel})")
+    print(f"canonicalised: {steps['batchnorm_folded']} BatchNormalization folded, "
+          f"{steps['passthrough_removed']} Identity/Dropout removed, {steps['nodes_in']} -> {steps['nodes_out']} nodes")
+    print("activations on chains: " + (", ".join(f"{k} x{v}" for k, v in info["activations"].items()) or "none"))
+    print("ops that end chains: " + (", ".join(f"{k} x{v}" for k, v in info["stops"].items()) or "none"))
+    for chain in info["chains"]:
+        print(f"\nchain {chain['chain']} ({chain['kind']}, {chain['layers']} layers, "
+              f"{chain['blocks']} blocks, {chain['candidates']} candidates)")
+        for unit in chain["units"]:
+            extra = f"  + {unit['shortcut']} shortcut from position {unit['residual_from']}" if "shortcut" in unit else ""
+            act = unit["activation"] or "-"
+            print(f"  {unit['unit']:>3}  {unit['what']:<24} {act:<10}{extra}")
+    if info["unsupported"]:
+        print("\nnot handled:")
+        for reason in info["unsupported"]:
+            print(f"  {reason}")
+    return 0

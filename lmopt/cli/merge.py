@@ -1,0 +1,79 @@
+"""`lmopt merge`: fold every run of linear layers that has no activation between them."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from ..analysis import analyse
+from ..candidates import merge_runs
+from ..errors import LmoptError
+from ..onnxio import save_model
+from ..passes.apply import apply_candidates
+from ..passes.merge import BlockBuilder
+from ..verify import compare, format_op_table, op_table, random_inputs, run_outputs
+from .common import add_model_arguments, load_canonical, print_json
+
+EXACT_TOLERANCE = 1e-4  # relative to the largest output magnitude
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "merge", help="fold runs of linear layers with no activation between them (after fine-tuning)")
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, help="where to write the merged model")
+    parser.add_argument("--allow-inexact", action="store_true",
+                        help="also merge runs whose zero padding makes the merge differ at the borders")
+    parser.add_argument("--samples", type=int, default=4, help="random inputs used to verify (default 4)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def merge_model(model, allow_inexact: bool):
+    """(merged model, merged runs, runs left alone) for a canonical model."""
+    analysis = analyse(model)
+    graph = gs.import_onnx(model)
+    runs = merge_runs(analysis, graph)
+    exact = {run.key: BlockBuilder(graph, analysis.chains[run.chain], run).is_exact() for run in runs}
+    chosen = [run for run in runs if exact[run.key] or allow_inexact]
+    skipped = [run for run in runs if run not in chosen]
+    merged = apply_candidates(model, analysis, chosen) if chosen else model
+    describe = lambda run: {"block": run.key, "layers": [u.layer for u in analysis.chains[run.chain].units[run.start:run.end]],
+                            "exact": exact[run.key]}
+    return merged, [describe(r) for r in chosen], [describe(r) for r in skipped]
+
+
+def run(args) -> int:
+    model, _ = load_canonical(args)
+    merged, chosen, skipped = merge_model(model, args.allow_inexact)
+    report = {"merged": chosen, "left_alone": skipped}
+    if not chosen:
+        if args.json:
+            print_json(report)
+        else:
+            print(f"{args.model}: nothing to merge" + (
+                f" exactly ({len(skipped)} runs would be inexact at padded borders: --allow-inexact merges them)"
+                if skipped else " (no run of linear layers without an activation between them)"))
+        return 0
+    feeds = random_inputs(model, args.samples)
+    metrics = compare(run_outputs(model, feeds), run_outputs(merged, feeds))
+    report["verification"] = metrics
+    report["before"], report["after"] = op_table(model), op_table(merged)
+    all_exact = all(r["exact"] for r in chosen)
+    failed = all_exact and metrics["max_rel"] > EXACT_TOLERANCE
+    if not failed:
+        save_model(merged, args.output)
+    if args.json:
+        print_json(report | {"output": None if failed else args.output, "verified": not failed})
+    else:
+        for run_info in chosen:
+            note = "" if run_info["exact"] else "  (inexact at padded borders)"
+            print(f"merged {run_info['block']}: {' + '.join(run_info['layers'])}{note}")
+        for run_info in skipped:
+            print(f"left alone {run_info['block']}: {' + '.join(run_info['layers'])} (padding would make it inexact; --allow-inexact)")
+        print(format_op_table(report["before"], report["after"]))
+        print(f"outputs vs input model on {args.samples} random inputs: max abs {metrics['max_abs']:.3g}, "
+              f"max rel {metrics['max_rel']:.3g}" + ("" if all_exact else " (includes border deviation of inexact merges)"))
+    if failed:
+        raise LmoptError(f"verification failed: merged outputs differ by {metrics['max_rel']:.3g} (> {EXACT_TOLERANCE}); nothing written")
+    if not args.json:
+        print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,224 @@
+"""Load any exported ONNX model and canonicalise it for analysis.
+
+Canonical form: static input shapes, shapes inferred for every tensor, constants folded
+(onnx-graphsurgeon's folder, which runs onnxruntime), Identity/Dropout removed, every
+BatchNormalization that follows a Conv folded into it with the node's own epsilon.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import LmoptError
+from .onnxio import load_model, runtime_compatible
+
+# Newest default-domain opset this onnx build knows; newer models cannot be checked or run here.
+MAX_KNOWN_OPSET = onnx.defs.onnx_opset_version()
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """Parse onnxsim-style `name:1,3,224,224` specs (a bare `1,3,224,224` names the single input)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, _, dims = spec.rpartition(":")
+        if not re.fullmatch(r"\d+(,\d+)*", dims.strip()):
+            raise LmoptError(f"--input-shape {spec!r}: expected NAME:D1,D2,... with positive integers")
+        shapes[name] = [int(d) for d in dims.split(",")]
+        if 0 in shapes[name]:
+            raise LmoptError(f"--input-shape {spec!r}: dims must be positive")
+    return shapes
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {init.name for init in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in initializers]
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """Make every graph input static, from `shapes` where given; a clear error where a dim stays dynamic."""
+    inputs = _graph_inputs(model)
+    names = [vi.name for vi in inputs]
+    if "" in shapes:  # a bare shape: only unambiguous with one input
+        if len(inputs) != 1:
+            raise LmoptError(f"--input-shape without a name is ambiguous: the model has inputs {names}")
+        shapes = {names[0]: shapes.pop("")} | shapes
+    for name in shapes:
+        if name not in names:
+            raise LmoptError(f"--input-shape names {name!r}, but the model's inputs are {names}")
+    for vi in inputs:
+        dims = _dims(vi)
+        if vi.name in shapes:
+            new = shapes[vi.name]
+            if len(new) != len(dims):
+                raise LmoptError(f"--input-shape {vi.name}: rank {len(new)} given, the model's input has rank {len(dims)} {dims}")
+            for old, want in zip(dims, new):
+                if isinstance(old, int) and old != want:
+                    raise LmoptError(f"--input-shape {vi.name}:{','.join(map(str, new))} conflicts with the model's static shape {dims}")
+            shape = vi.type.tensor_type.shape
+            for dim, value in zip(shape.dim, new):
+                dim.Clear()
+                dim.dim_value = value
+        elif not all(isinstance(d, int) for d in dims):
+            example = ",".join(str(d) if isinstance(d, int) else "N" for d in dims)
+            raise LmoptError(f"input {vi.name!r} has dynamic dims {dims}: pass --input-shape {vi.name}:{example} with numbers")
+    # Intermediate and output shapes were inferred with the symbolic dims: infer them again.
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+
+
+def check_opsets(model: onnx.ModelProto) -> None:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > MAX_KNOWN_OPSET:
+            raise LmoptError(f"opset {opset.version} is newer than this onnx supports ({MAX_KNOWN_OPSET}); upgrade onnx or re-export at a lower opset")
+        if opset.domain not in ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"):
+            raise LmoptError(f"unknown operator domain {opset.domain!r} (custom ops cannot be analysed or timed)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise LmoptError(f"invalid ONNX model: {first}") from None
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LmoptError(f"shape inference failed: {first}") from None
+
+
+def remove_passthrough_nodes(graph: gs.Graph) -> int:
+    """Drop Identity and (inference-mode) Dropout nodes by rewiring their consumers."""
+    removed = 0
+    outputs = set(id(t) for t in graph.outputs)
+    for node in list(graph.nodes):
+        if node.op not in ("Identity", "Dropout"):
+            continue
+        if node.op == "Dropout" and len(node.inputs) >= 3 and not _is_false_constant(node.inputs[2]):
+            continue  # training_mode may be on: keep it, it is not a pass-through
+        src, dst = node.inputs[0], node.outputs[0]
+        if id(dst) in outputs:
+            continue  # the graph output keeps its name; an Identity there costs nothing
+        if len(node.outputs) > 1 and node.outputs[1].outputs:
+            continue  # someone reads the Dropout mask
+        replace_uses(dst, src)
+        node.outputs.clear()
+        removed += 1
+    return removed
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every node that reads `old` reads `new` instead."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+
+
+def _is_false_constant(tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and not bool(np.asarray(tensor.values).any())
+
+
+def constant_values(tensor) -> np.ndarray | None:
+    """Values of a constant tensor (an initializer or a Constant node's output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def fold_batchnorms(graph: gs.Graph) -> int:
+    """Fold BatchNormalization(Conv(x)) into the Conv when the Conv output feeds only the BN."""
+    folded = 0
+    for bn in list(graph.nodes):
+        if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
+            continue
+        conv = bn.inputs[0].inputs[0]
+        if conv.op != "Conv" or len(bn.inputs[0].outputs) != 1 or bn.inputs[0] in graph.outputs:
+            continue
+        params = [constant_values(t) for t in bn.inputs[1:5]]
+        weight = constant_values(conv.inputs[1])
+        bias = constant_values(conv.inputs[2]) if len(conv.inputs) > 2 else None
+        if any(p is None for p in params) or weight is None or (len(conv.inputs) > 2 and bias is None):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        scale = gamma / np.sqrt(var + eps)
+        if bias is None:
+            bias = np.zeros(weight.shape[0])
+        new_weight = weight.astype(np.float64) * scale.reshape(-1, *[1] * (weight.ndim - 1))
+        new_bias = (bias.astype(np.float64) - mean) * scale + beta
+        dtype = weight.dtype
+        while len(conv.inputs) > 1:
+            conv.inputs.pop()
+        conv.inputs.append(gs.Constant(f"{conv.name}.weight_bnfold", new_weight.astype(dtype)))
+        conv.inputs.append(gs.Constant(f"{conv.name}.bias_bnfold", new_bias.astype(dtype)))
+        conv.outputs = [bn.outputs[0]]
+        bn.outputs.clear()
+        folded += 1
+    return folded
+
+
+def unique_node_names(graph: gs.Graph) -> None:
+    """Give every node a unique, non-empty name: the analysis refers to nodes by name."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            name, suffix = f"{node.op}_{index}", 0
+            while name in seen:
+                suffix += 1
+                name = f"{node.op}_{index}_{suffix}"
+            node.name = name
+        seen.add(node.name)
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a graph (after cleanup and toposort) at an IR version the installed onnxruntime accepts."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    if like is not None:
+        model.producer_name = like.producer_name or "lmopt"
+        model.ir_version = like.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(like.opset_import)
+    return runtime_compatible(model)
+
+
+def canonicalise(source: str | os.PathLike | onnx.ModelProto,
+                 input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Load and canonicalise; returns the model and a dict of what was done (for reports)."""
+    model = source if isinstance(source, onnx.ModelProto) else load_model(source)
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's object
+    check_opsets(model)
+    fix_input_shapes(model, dict(input_shapes or {}))
+    model = infer_shapes(model)
+    graph = to_graph(model)
+    steps = {"nodes_in": len(graph.nodes)}
+    try:
+        graph.fold_constants(error_ok=True)
+    except Exception as exc:  # the folder runs onnxruntime; a failure there is not fatal for us
+        steps["fold_constants_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    graph.cleanup()
+    steps["passthrough_removed"] = remove_passthrough_nodes(graph)
+    steps["batchnorm_folded"] = fold_batchnorms(graph)
+    unique_node_names(graph)
+    model = infer_shapes(to_model(graph, like=model))
+    steps["nodes_out"] = len(model.graph.node)
+    return model, steps

@@ -1,0 +1,19 @@
+"""Apply a set of disjoint candidates to a canonical model."""
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..analysis import Analysis
+from ..candidates import Candidate
+from .cleanup import finish
+from .merge import rewrite_block
+
+
+def apply_candidates(model: onnx.ModelProto, analysis: Analysis, candidates: list[Candidate]) -> onnx.ModelProto:
+    """Rewrite every non-original candidate; the rest of the graph is untouched."""
+    graph = gs.import_onnx(model)
+    for cand in candidates:
+        if not cand.is_original:
+            rewrite_block(graph, analysis.chains[cand.chain], cand)
+    return finish(graph, like=model)

@@ -1,0 +1,111 @@
+"""Run models in onnxruntime and compare outputs: the evidence behind every rewrite."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import LmoptError
+from .onnxio import runtime_compatible
+
+NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+            onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+            onnx.TensorProto.INT32: np.int32}
+
+
+def input_specs(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...], type]]:
+    initializers = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        tensor_type = vi.type.tensor_type
+        shape = tuple(d.dim_value for d in tensor_type.shape.dim)
+        specs.append((vi.name, shape, NP_TYPES.get(tensor_type.elem_type, np.float32)))
+    return specs
+
+
+def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`count` feeds of standard-normal data (float inputs) for a model with static shapes."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for name, shape, dtype in input_specs(model):
+            if np.issubdtype(dtype, np.floating):
+                feed[name] = rng.standard_normal(shape).astype(dtype)
+            else:
+                feed[name] = rng.integers(0, 2, size=shape).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    copy = runtime_compatible(onnx.ModelProto.FromString(model.SerializeToString()))
+    try:
+        return ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise LmoptError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def run_outputs(model_or_session, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """First graph output for each feed, stacked along a new leading axis."""
+    sess = model_or_session if isinstance(model_or_session, ort.InferenceSession) else session(model_or_session)
+    return np.stack([sess.run(None, feed)[0] for feed in feeds])
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def is_classifier(reference: np.ndarray) -> bool:
+    """Logits of shape (..., batch, classes) with more than one class."""
+    return reference.ndim >= 2 and reference.shape[-1] > 1 and reference[0].ndim <= 2
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """How far `candidate` moved from `reference` (both stacked over samples)."""
+    diff = np.abs(candidate.astype(np.float64) - reference)
+    scale = float(np.abs(reference).max()) or 1.0
+    result = {
+        "max_abs": float(diff.max()),
+        "max_rel": float(diff.max() / scale),
+        "nrmse": float(np.sqrt((diff ** 2).mean() / max((reference.astype(np.float64) ** 2).mean(), 1e-30))),
+    }
+    if is_classifier(reference):
+        ref_logp = log_softmax(reference.astype(np.float64))
+        new_logp = log_softmax(candidate.astype(np.float64))
+        kl = (np.exp(ref_logp) * (ref_logp - new_logp)).sum(axis=-1)
+        result["kl"] = float(kl.mean())
+        result["top1_agreement"] = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+    return result
+
+
+def damage(metrics: dict) -> float:
+    """One number for how much a change hurts (lower is better): KL for classifiers, else NRMSE^2."""
+    return metrics["kl"] if "kl" in metrics else metrics["nrmse"] ** 2
+
+
+def op_table(model: onnx.ModelProto) -> dict:
+    counts = Counter(node.op_type for node in model.graph.node)
+    params = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+    return {"nodes": len(model.graph.node), "ops": dict(sorted(counts.items())), "params": params,
+            "size_mb": round(model.ByteSize() / 2 ** 20, 2)}
+
+
+def format_op_table(before: dict, after: dict) -> str:
+    ops = sorted(set(before["ops"]) | set(after["ops"]))
+    rows = [("", "before", "after")]
+    rows += [(op, str(before["ops"].get(op, 0)), str(after["ops"].get(op, 0))) for op in ops]
+    rows += [("nodes", str(before["nodes"]), str(after["nodes"])),
+             ("params", f"{before['params']:,}", f"{after['params']:,}"),
+             ("size MB", str(before["size_mb"]), str(after["size_mb"]))]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"  {r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows)
