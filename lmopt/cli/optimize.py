@@ -1,9 +1,91 @@
-"""placeholder until the tool lands."""
+"""`lmopt optimize`: make a model about TARGET times faster on a runtime, and prove it."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..calib import Preprocess, parse_floats
+from ..errors import LmoptError
+from ..latency.base import BACKENDS
+from ..loader import parse_input_shapes
+from ..onnxio import atomic_write_text, save_model
+from ..select import METHODS
+from .common import add_model_arguments, print_json
+
+
+def parse_target(text: str) -> float:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*[xX]?\s*", text)
+    if not match:
+        raise LmoptError(f"--target {text!r}: expected a speed-up factor such as 1.5 or 2x")
+    value = float(match.group(1))
+    if value < 1.0:
+        raise LmoptError(f"--target {text}: must be at least 1 (a speed-up, not a slow-down)")
+    return value
+
+
+def add_backend_arguments(parser) -> None:
+    parser.add_argument("--backend", choices=list(BACKENDS), default=None,
+                        help="runtime whose latency counts (default: TensorRT with a GPU, else torch-cuda, else ort-cpu)")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="precision to time in")
+    parser.add_argument("--threads", type=int, default=None, help="ort-cpu: intra-op threads (default: physical cores)")
+    parser.add_argument("--max-kernel", type=int, default=7, help="largest merged kernel considered (default 7)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the latency cache")
+
+
+def backend_options(args) -> dict:
+    options = {"precision": args.precision}
+    if args.threads and (args.backend in (None, "ort-cpu")):
+        options["threads"] = args.threads
+    return options
+
 
 def add_parser(subparsers):
-    return subparsers.add_parser("optimize", help="(not available yet)")
+    parser = subparsers.add_parser("optimize", help="compress a model to a speed-up target (LayerMerge DP)")
+    add_model_arguments(parser)
+    parser.add_argument("--target", required=True, help="speed-up to reach, e.g. 1.5 or 2x")
+    parser.add_argument("-o", "--output", help="optimized model path (default: MODEL.lmopt.onnx)")
+    parser.add_argument("--method", choices=METHODS, default="layermerge",
+                        help="layermerge (default); kim2023: activation removal + merging only; prune: layer pruning only")
+    add_backend_arguments(parser)
+    parser.add_argument("--latency-table", help="plan from a table written by `lmopt profile` (e.g. on a Jetson)")
+    parser.add_argument("--calib", help="folder of images or .npy/.npz arrays (default: random inputs)")
+    parser.add_argument("--calib-count", type=int, default=16, help="calibration samples used for importance (default 16)")
+    parser.add_argument("--eval-count", type=int, default=16, help="held-out samples for the fidelity figures (default 16)")
+    parser.add_argument("--mean", default="0.485,0.456,0.406", help="image preprocessing mean, on [0,1] pixels")
+    parser.add_argument("--std", default="0.229,0.224,0.225", help="image preprocessing std")
+    parser.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="image input layout")
+    parser.add_argument("--no-measure", action="store_true", help="skip the end-to-end measurement")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the report as JSON (to PATH, or stdout)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
 
 
-def run(args):
-    from ..errors import LmoptError
-    raise LmoptError("not available yet")
+def run(args) -> int:
+    from ..optimizer import format_report, optimize
+
+    target = parse_target(args.target)
+    if args.calib_count < 1 or args.eval_count < 1:
+        raise LmoptError("--calib-count and --eval-count must be at least 1")
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".lmopt.onnx")
+    if output.resolve() == Path(args.model).resolve():
+        raise LmoptError("-o would overwrite the input model: choose another path")
+    prep = Preprocess(parse_floats(args.mean, "--mean"), parse_floats(args.std, "--std"), args.layout)
+    quiet_json = args.json == "-"
+    model, report = optimize(
+        args.model, target, method=args.method, backend=args.backend, calib=args.calib, preprocess=prep,
+        calib_count=args.calib_count, eval_count=args.eval_count, input_shapes=parse_input_shapes(args.input_shape),
+        latency_table=args.latency_table, max_kernel=args.max_kernel, cache_path=False if args.no_cache else None,
+        measure=not args.no_measure, progress=not args.quiet, backend_options=backend_options(args),
+        log=(lambda *a: None) if quiet_json else print)
+    save_model(model, output)
+    report["output"] = str(output)
+    if args.json:
+        if quiet_json:
+            print_json(report)
+        else:
+            atomic_write_text(args.json, json.dumps(report, indent=2, default=str) + "\n")
+    if not quiet_json:
+        print(format_report(report))
+        print(f"wrote {output}")
+    return 0

@@ -1,9 +1,30 @@
-"""placeholder until the tool lands."""
+"""`lmopt profile`: time every candidate block on this machine and write a latency table."""
+from __future__ import annotations
+
+from ..latency.profiler import write_table
+from ..loader import parse_input_shapes
+from .common import add_model_arguments
+from .optimize import add_backend_arguments, backend_options
+
 
 def add_parser(subparsers):
-    return subparsers.add_parser("profile", help="(not available yet)")
+    parser = subparsers.add_parser(
+        "profile", help="time every candidate block on this device (e.g. a Jetson) and write a latency table")
+    add_model_arguments(parser)
+    add_backend_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, help="latency table to write (JSON)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
 
 
-def run(args):
-    from ..errors import LmoptError
-    raise LmoptError("not available yet")
+def run(args) -> int:
+    from ..optimizer import profile_table
+
+    table = profile_table(args.model, args.backend, parse_input_shapes(args.input_shape), args.max_kernel,
+                          cache_path=False if args.no_cache else None, progress=not args.quiet,
+                          **backend_options(args))
+    write_table(args.output, table)
+    print(f"{len(table['blocks'])} blocks timed on {table['backend']['backend']} ({table['backend'].get('device')}); "
+          f"whole model {table['model_ms']:.3f} ms; wrote {args.output}")
+    print(f"plan anywhere with: lmopt optimize {args.model} --target 2x --latency-table {args.output}")
+    return 0

@@ -1,0 +1,116 @@
+"""Calibration and evaluation inputs: image folders (with stated preprocessing) or .npy/.npz arrays."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import LmoptError
+from .verify import input_specs, random_inputs
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Preprocess:
+    """How images become the model's input: resize to the input's H, W, scale to [0, 1], normalise."""
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    layout: str = "NCHW"
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise LmoptError(f"{what} {text!r}: expected comma-separated numbers") from None
+
+
+def _image_array(path: Path, shape: tuple[int, ...], prep: Preprocess) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise LmoptError("reading calibration images needs Pillow: pip install 'lmopt[images]'") from None
+    if prep.layout == "NCHW":
+        channels, height, width = shape[1], shape[2], shape[3]
+    else:
+        height, width, channels = shape[1], shape[2], shape[3]
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except Exception as exc:
+        raise LmoptError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    array = array.reshape(height, width, channels)
+    mean = np.array(prep.mean[:channels] if len(prep.mean) >= channels else prep.mean * channels, np.float32)
+    std = np.array(prep.std[:channels] if len(prep.std) >= channels else prep.std * channels, np.float32)
+    array = (array - mean) / std
+    if prep.layout == "NCHW":
+        array = array.transpose(2, 0, 1)
+    return array
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None = None,
+                     prep: Preprocess | None = None) -> list[dict[str, np.ndarray]]:
+    """Feeds for the model's (single, or first) input from a folder of images, a .npy or a .npz."""
+    path = Path(path)
+    specs = input_specs(model)
+    name, shape, dtype = specs[0]
+    if len(specs) > 1:
+        raise LmoptError(f"--calib supports single-input models; this one has {[s[0] for s in specs]}")
+    prep = prep or Preprocess()
+    if not path.exists():
+        raise LmoptError(f"--calib {path}: no such file or folder")
+    if path.is_dir():
+        if len(shape) != 4:
+            raise LmoptError(f"--calib {path}: images need a 4-D image input, the model's input {name!r} is {list(shape)}")
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise LmoptError(f"--calib {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+        files = files[:count] if count else files
+        samples = [_image_array(f, shape, prep)[None] for f in files]
+    else:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise LmoptError(f"--calib {path}: not a readable .npy/.npz file ({type(exc).__name__})") from None
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            arrays = [loaded[k] for k in loaded.files]
+            array = np.concatenate([a.reshape((-1,) + a.shape[-(len(shape) - 1):]) for a in arrays]) if arrays else None
+        else:
+            array = loaded
+        if array is None or array.size == 0:
+            raise LmoptError(f"--calib {path}: holds no arrays")
+        item = tuple(shape[1:])
+        if array.shape == tuple(shape):
+            array = array[None]
+        elif array.ndim == len(shape) and tuple(array.shape[1:]) == item:
+            array = array[:, None] if shape[0] == 1 else array
+        elif array.ndim == len(shape) + 1 and tuple(array.shape[1:]) == tuple(shape):
+            pass
+        else:
+            raise LmoptError(f"--calib {path}: arrays of shape {list(array.shape)} do not match the model's input "
+                             f"{name!r} {list(shape)} (expected N x {list(item)})")
+        array = array.reshape((-1,) + tuple(shape))
+        samples = list(array[:count] if count else array)
+    return [{name: np.asarray(s, dtype=dtype).reshape(shape)} for s in samples]
+
+
+def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int, eval_count: int,
+                     prep: Preprocess | None = None) -> tuple[list, list, str]:
+    """(calibration feeds, held-out evaluation feeds, description). Random inputs without `calib`."""
+    if calib is None:
+        feeds = random_inputs(model, count + eval_count, seed=0)
+        return feeds[:count], feeds[count:], "random inputs (importance then reflects the structure only)"
+    feeds = load_calibration(calib, model, None, prep)
+    if len(feeds) < 2:
+        raise LmoptError(f"--calib {calib}: needs at least 2 samples (calibration and evaluation), found {len(feeds)}")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(feeds))
+    n_eval = min(eval_count, len(feeds) // 2)
+    n_cal = min(count, len(feeds) - n_eval)
+    evals = [feeds[i] for i in order[:n_eval]]
+    cals = [feeds[i] for i in order[n_eval:n_eval + n_cal]]
+    return cals, evals, f"{len(cals)} calibration and {len(evals)} held-out samples from {calib}"

@@ -1,0 +1,131 @@
+"""Build the deployment TensorRT engine for a model (`lmopt build`) and time it.
+
+The engine is built with the same polygraphy loaders the trt latency backend uses
+(lmopt.latency.tensorrt.build_engine_bytes), written atomically, and timed as trtexec
+reports "GPU Compute Time" (CUDA events around each inference, CUDA graph when possible,
+median after warm-up). The equivalent trtexec command line is returned for the record.
+Engines are specific to the GPU and TensorRT version they were built with: build on the target.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LmoptError
+from .onnxio import load_model, save_model
+
+
+@dataclass
+class BuildResult:
+    engine_path: Path
+    trtexec: str
+    tensorrt_version: str
+    device: str
+    precision: str
+    median_ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def require_tensorrt() -> None:
+    """LmoptError (one line, naming what to install) unless TensorRT and a GPU are usable."""
+    from .latency.tensorrt import trt_status
+
+    reason = trt_status()
+    if reason is not None:
+        raise LmoptError(reason)
+
+
+def trtexec_command(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, fp16: bool = False,
+                    workspace_mib: int | None = None, timing_cache: str | os.PathLike | None = None,
+                    fp16_flag: bool = True) -> str:
+    """The trtexec command line equivalent to `lmopt build` (fp16_flag=False: TensorRT 11, precision in the ONNX)."""
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    if fp16 and fp16_flag:
+        args.append("--fp16")
+    if fp16 and not fp16_flag:
+        args.append("--stronglyTyped")
+    if workspace_mib:
+        args.append(f"--memPoolSize=workspace:{int(workspace_mib)}M")
+    if timing_cache:
+        args.append(f"--timingCacheFile={timing_cache}")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def time_engine(engine_bytes: bytes, warmup_s: float = 0.2, runs: int = 100, min_time_s: float = 1.0,
+                max_time_s: float = 10.0) -> float:
+    """Median GPU compute time (ms) of one inference of a serialized engine."""
+    from .latency.tensorrt import EngineSession
+
+    session = EngineSession(engine_bytes)
+    try:
+        session.run_timed(1)
+        deadline = time.perf_counter() + warmup_s
+        while time.perf_counter() < deadline:
+            session.run_timed(1)
+        samples: list[float] = []
+        start = time.perf_counter()
+        while True:
+            samples += session.run_timed(10)
+            elapsed = time.perf_counter() - start
+            if (len(samples) >= runs and elapsed >= min_time_s) or elapsed >= max_time_s:
+                break
+        return float(statistics.median(samples))
+    finally:
+        session.close()
+
+
+def build_engine(model_path: str | os.PathLike, engine_path: str | os.PathLike, fp16: bool = False,
+                 workspace_mib: int | None = None, timing_cache: str | os.PathLike | None = None,
+                 measure: bool = True) -> BuildResult:
+    """Build `model_path` into a TensorRT engine at `engine_path` and (optionally) time it."""
+    require_tensorrt()
+    from .latency import cudart
+    from .latency.tensorrt import build_engine_bytes, has_precision_flags, set_polygraphy_severity, trt_version
+
+    model = load_model(model_path)
+    engine_path = Path(engine_path)
+    precision = "fp16" if fp16 else "fp32"
+    flags = has_precision_flags()
+    set_polygraphy_severity("WARNING")
+    engine_bytes, parsed = build_engine_bytes(model, precision, workspace_mib, timing_cache, fp16_io=False)
+    write_bytes_atomic(engine_path, engine_bytes)
+
+    notes = []
+    onnx_for_trtexec = Path(model_path)
+    if fp16 and not flags:
+        # TensorRT 11: the fp16 precision is in the converted ONNX; keep it so the trtexec line reproduces the build.
+        onnx_for_trtexec = engine_path.with_suffix(".fp16.onnx")
+        save_model(parsed, onnx_for_trtexec)
+        notes.append(f"TensorRT {trt_version()} has no FP16 builder flag: the fp16 model TensorRT parsed "
+                     f"was written to {onnx_for_trtexec}")
+    result = BuildResult(
+        engine_path=engine_path,
+        trtexec=trtexec_command(onnx_for_trtexec, engine_path, fp16, workspace_mib, timing_cache, fp16_flag=flags),
+        tensorrt_version=trt_version(),
+        device=cudart.device_name(),
+        precision=precision,
+        notes=notes,
+    )
+    if measure:
+        result.median_ms = time_engine(engine_bytes)
+    return result

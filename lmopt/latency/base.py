@@ -1,0 +1,286 @@
+"""The latency backend interface and the registry of backends.
+
+A backend times standalone ONNX models with fully static input shapes on one runtime
+(onnxruntime on the CPU, torch on CUDA, TensorRT, onnxruntime-gpu). Every backend follows
+the same method: prepare the model once, warm up, then time single inferences until at least
+`runs` runs and `min_time_s` seconds have passed, and report the median in milliseconds.
+
+Backends implement `_open(model) -> Session`; `measure` and `measure_interleaved` are built
+on it here. Heavy libraries (torch, tensorrt) are imported only inside the backend modules,
+and those modules are imported only when the backend is asked for.
+"""
+from __future__ import annotations
+
+import abc
+import functools
+import importlib
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import onnx
+
+from ..errors import LmoptError
+
+PRECISIONS = ("fp32", "fp16")
+
+# name -> "module:Class", imported on demand.
+BACKENDS = {
+    "ort-cpu": "lmopt.latency.ort_cpu:OrtCpuBackend",
+    "torch-cuda": "lmopt.latency.torch_cuda:TorchCudaBackend",
+    "trt": "lmopt.latency.tensorrt:TensorrtBackend",
+    "ort-cuda": "lmopt.latency.ort_gpu:OrtCudaBackend",
+    "ort-trt": "lmopt.latency.ort_gpu:OrtTensorrtBackend",
+}
+
+
+class Session(abc.ABC):
+    """One prepared model on a backend: runs timed single inferences."""
+
+    # Runs per run_timed() call while collecting: GPU sessions queue several runs between
+    # synchronisations; CPU sessions check the clock after every run.
+    batch = 1
+
+    @abc.abstractmethod
+    def run_timed(self, count: int) -> list[float]:
+        """Run `count` consecutive inferences; return each one's time in milliseconds."""
+
+    def close(self) -> None:
+        """Release what the session holds (GPU buffers, engines)."""
+
+
+class LatencyBackend(abc.ABC):
+    """Times standalone ONNX models on one runtime.
+
+    Options shared by every backend:
+      precision   'fp32' or 'fp16' (backends that cannot run fp16 say so)
+      batch       the batch size, recorded in cache_key() when known (it is also in the input shapes)
+      warmup_s    seconds of untimed runs before timing (trtexec's default is 0.2 s)
+      runs        at least this many timed runs
+      min_time_s  and at least this many seconds of timed runs
+      max_time_s  stop after this many seconds even if `runs` is not reached
+    """
+
+    name: str = ""
+
+    def __init__(self, precision: str = "fp32", batch: int | None = None, warmup_s: float = 0.2,
+                 runs: int = 20, min_time_s: float = 0.5, max_time_s: float = 10.0):
+        if precision not in PRECISIONS:
+            raise LmoptError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if runs < 1:
+            raise LmoptError("runs must be at least 1")
+        self.precision = precision
+        self.batch = batch
+        self.warmup_s = warmup_s
+        self.runs = runs
+        self.min_time_s = min_time_s
+        self.max_time_s = max(max_time_s, min_time_s)
+
+    # --- what a backend provides -------------------------------------------------------------
+    @classmethod
+    def available(cls) -> str | None:
+        """None when this backend can run here, else one line naming what is missing and how to get it."""
+        return None
+
+    @abc.abstractmethod
+    def cache_key(self) -> dict:
+        """What a latency depends on besides the block: backend, device, library version, precision, ..."""
+
+    @abc.abstractmethod
+    def _open(self, model: onnx.ModelProto) -> Session:
+        """Prepare `model` (static shapes) for timing."""
+
+    # --- timing, shared by all backends --------------------------------------------------------
+    def _base_key(self, device: str, library: str, **extra) -> dict:
+        key = {"backend": self.name, "device": device, "library": library, "precision": self.precision}
+        if self.batch is not None:
+            key["batch"] = int(self.batch)
+        key.update({k: v for k, v in extra.items() if v is not None})
+        return key
+
+    def _warm(self, session: Session) -> None:
+        session.run_timed(1)  # first run: lazy initialisation, autotuning
+        deadline = time.perf_counter() + self.warmup_s
+        while time.perf_counter() < deadline:
+            session.run_timed(1)
+
+    def _collect(self, session: Session) -> list[float]:
+        samples: list[float] = []
+        start = time.perf_counter()
+        while True:
+            # Time in small batches so GPU backends can queue several runs between synchronisations.
+            remaining = self.runs - len(samples)
+            step = session.batch
+            samples += session.run_timed(min(step, remaining) if remaining > 0 else step)
+            elapsed = time.perf_counter() - start
+            if (len(samples) >= self.runs and elapsed >= self.min_time_s) or elapsed >= self.max_time_s:
+                return samples
+
+    def measure(self, model: onnx.ModelProto) -> float:
+        """Median milliseconds of one inference of `model` (warm-up first)."""
+        session = self._open(model)
+        try:
+            self._warm(session)
+            return float(statistics.median(self._collect(session)))
+        finally:
+            session.close()
+
+    def measure_interleaved(self, models: list[onnx.ModelProto], rounds: int = 20) -> list[float]:
+        """Median milliseconds per model, timed by interleaving the models' runs in one process.
+
+        Every round runs each model a few times, the order rotating from round to round, so that
+        slow drifts (clock boost, thermal throttling, other load) hit all models alike. This is the
+        measurement behind an end-to-end 'measured speed-up'.
+        """
+        if not models:
+            return []
+        sessions: list[Session] = []
+        try:
+            for model in models:
+                sessions.append(self._open(model))
+            for session in sessions:
+                self._warm(session)
+            per_round = max(1, -(-self.runs // max(1, rounds)))
+            samples: list[list[float]] = [[] for _ in sessions]
+            for r in range(max(1, rounds)):
+                for k in range(len(sessions)):
+                    i = (k + r) % len(sessions)
+                    samples[i] += sessions[i].run_timed(per_round)
+            return [float(statistics.median(s)) for s in samples]
+        finally:
+            for session in sessions:
+                session.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.precision}>"
+
+
+# --- helpers for backends ---------------------------------------------------------------------
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The model's real inputs (graph inputs that are not initializers)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in initializers]
+
+
+def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...]:
+    """The input's shape; LmoptError if any dimension is not a fixed positive number."""
+    dims = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if not (d.HasField("dim_value") and d.dim_value > 0):
+            raise LmoptError(f"input {value_info.name!r} has a dynamic dimension "
+                             f"{d.dim_param or '?'!r}: latency needs fixed input shapes")
+        dims.append(d.dim_value)
+    return tuple(dims)
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds for every input, from the model's input value_info (floats ~ N(0,1), ints 0)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in graph_inputs(model):
+        elem = vi.type.tensor_type.elem_type
+        if elem not in _NP_TYPES:
+            raise LmoptError(f"input {vi.name!r} has element type "
+                             f"{onnx.TensorProto.DataType.Name(elem)}, which latency timing does not support")
+        np_type = _NP_TYPES[elem]
+        shape = static_shape(vi)
+        if np.issubdtype(np_type, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(np_type)
+        else:  # indices, masks: zeros are always in range
+            feeds[vi.name] = np.zeros(shape, dtype=np_type)
+    return feeds
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU model string (/proc/cpuinfo 'model name'), else platform's description."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+@functools.lru_cache(maxsize=1)
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads not counted)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    cores = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            physical = core = None
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                elif not line.strip():
+                    if core is not None:
+                        cores.add((physical, core))
+                    physical = core = None
+            if core is not None:
+                cores.add((physical, core))
+    except OSError:
+        pass
+    count = len(cores) or allowed
+    return max(1, min(count, allowed))
+
+
+def one_line(text: str) -> str:
+    """Collapse a message to one line (the CLI prints errors as one line)."""
+    return " ".join(str(text).split())
+
+
+# --- registry --------------------------------------------------------------------------------
+
+def backend_class(name: str) -> type[LatencyBackend]:
+    if name not in BACKENDS:
+        raise LmoptError(f"unknown latency backend {name!r} (choose from: {', '.join(BACKENDS)})")
+    module_name, _, class_name = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def default_backend_name() -> str:
+    """'trt' where TensorRT imports and a GPU is present, else 'torch-cuda' where torch sees CUDA, else 'ort-cpu'."""
+    for name in ("trt", "torch-cuda"):
+        if backend_class(name).available() is None:
+            return name
+    return "ort-cpu"
+
+
+def get_backend(name: str | None = None, **options) -> LatencyBackend:
+    """The backend `name` (default: default_backend_name()) built with `options`.
+
+    LmoptError (one line) for an unknown name or a backend that cannot run on this machine.
+    """
+    name = name or default_backend_name()
+    cls = backend_class(name)
+    reason = cls.available()
+    if reason is not None:
+        raise LmoptError(f"latency backend {name!r} is unavailable: {one_line(reason)}")
+    return cls(**options)

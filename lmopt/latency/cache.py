@@ -1,0 +1,84 @@
+"""A persistent latency cache: (structural signature, backend cache_key) -> milliseconds.
+
+One sqlite file (stdlib sqlite3), by default $LMOPT_CACHE_DIR/latency.sqlite, else
+$XDG_CACHE_HOME/lmopt/latency.sqlite, else ~/.cache/lmopt/latency.sqlite. Every measurement
+is committed as soon as it is stored, so an interrupted profiling run keeps what it timed.
+Several processes may share the file: sqlite locks it, and writers wait up to `timeout` s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from ..errors import LmoptError
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("LMOPT_CACHE_DIR"):
+        return Path(os.environ["LMOPT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lmopt"
+
+
+def default_cache_path() -> Path:
+    return default_cache_dir() / "latency.sqlite"
+
+
+def key_text(cache_key: dict) -> str:
+    """The canonical text of a backend's cache_key()."""
+    return json.dumps(cache_key, sort_keys=True, separators=(",", ":"))
+
+
+class LatencyCache:
+    """Persistent (signature, backend key) -> ms store. Use as a context manager or call close()."""
+
+    def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0):
+        self.path = Path(path) if path is not None else default_cache_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: autocommit, every INSERT is durable when execute() returns.
+            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS latency ("
+                " signature TEXT NOT NULL, backend TEXT NOT NULL, ms REAL NOT NULL, created REAL NOT NULL,"
+                " PRIMARY KEY (signature, backend))")
+        except sqlite3.DatabaseError as exc:
+            raise LmoptError(f"{self.path}: not a usable latency cache ({exc}); delete it or set "
+                             "LMOPT_CACHE_DIR to another folder") from None
+        except OSError as exc:
+            raise LmoptError(f"{self.path}: cannot create the latency cache ({exc.strerror})") from None
+
+    def get(self, signature: str, cache_key: dict) -> float | None:
+        row = self._db.execute("SELECT ms FROM latency WHERE signature = ? AND backend = ?",
+                               (signature, key_text(cache_key))).fetchone()
+        return None if row is None else float(row[0])
+
+    def put(self, signature: str, cache_key: dict, ms: float) -> None:
+        """Store one measurement, committed at once."""
+        self._db.execute("INSERT OR REPLACE INTO latency (signature, backend, ms, created) VALUES (?, ?, ?, ?)",
+                         (signature, key_text(cache_key), float(ms), time.time()))
+
+    def entries(self, cache_key: dict | None = None) -> dict[str, float]:
+        """signature -> ms for one backend key (all keys' rows if None; later keys win)."""
+        if cache_key is None:
+            rows = self._db.execute("SELECT signature, ms FROM latency ORDER BY created")
+        else:
+            rows = self._db.execute("SELECT signature, ms FROM latency WHERE backend = ?", (key_text(cache_key),))
+        return {sig: float(ms) for sig, ms in rows}
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM latency").fetchone()[0])
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> "LatencyCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

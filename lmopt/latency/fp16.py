@@ -1,0 +1,103 @@
+"""A small float32 -> float16 ONNX converter for strongly typed runtimes.
+
+TensorRT 11 has no FP16 builder flag: precision travels in the ONNX file and the network is
+strongly typed, so an fp16 engine needs an fp16 model. onnxconverter-common's converter
+(which polygraphy's ConvertToFp16 wraps) is a separate package that JetPack does not ship; the
+models lmopt times (convolutions, Gemm/MatMul, activations, pooling, normalisation, reshapes)
+need only this much: every float tensor (initializers, Constant values, Cast targets, graph
+I/O, value_info) becomes float16, except inputs that ONNX requires to stay float32
+(Resize/Upsample scales). With keep_io_types the graph's float inputs and outputs stay
+float32, with Casts at the boundary (what a deployed engine with fp32 I/O does).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import LmoptError
+
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+FP16_MAX = float(np.finfo(np.float16).max)
+
+# (op_type, input index) that must stay float32 whatever T is.
+_KEEP_FP32_INPUTS = {("Resize", 2), ("Upsample", 1)}
+_UNSUPPORTED = {"If", "Loop", "Scan"}
+
+
+def _to_fp16_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    array = np.clip(numpy_helper.to_array(tensor), -FP16_MAX, FP16_MAX).astype(np.float16)
+    return numpy_helper.from_array(array, tensor.name)
+
+
+def _retype(value_info: onnx.ValueInfoProto) -> None:
+    if value_info.type.tensor_type.elem_type == FLOAT:
+        value_info.type.tensor_type.elem_type = FLOAT16
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_io_types: bool = False) -> onnx.ModelProto:
+    """A float16 copy of `model` (the original is untouched)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    for node in graph.node:
+        if node.op_type in _UNSUPPORTED:
+            raise LmoptError(f"fp16 conversion does not handle control flow ({node.op_type} node {node.name!r})")
+
+    keep_fp32 = {node.input[i] for node in graph.node for (op, i) in _KEEP_FP32_INPUTS
+                 if node.op_type == op and len(node.input) > i and node.input[i]}
+    for i, tensor in enumerate(graph.initializer):
+        if tensor.data_type == FLOAT and tensor.name not in keep_fp32:
+            graph.initializer[i].CopyFrom(_to_fp16_tensor(tensor))
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
+                attr.i = FLOAT16
+            elif node.op_type == "Constant" and node.output[0] not in keep_fp32:
+                if attr.name == "value" and attr.t.data_type == FLOAT:
+                    attr.t.CopyFrom(_to_fp16_tensor(attr.t))
+                elif attr.name in ("value_float", "value_floats"):
+                    values = [attr.f] if attr.name == "value_float" else list(attr.floats)
+                    array = np.array(values if attr.name == "value_floats" else values[0], dtype=np.float16)
+                    new = helper.make_attribute("value", numpy_helper.from_array(array))
+                    attr.CopyFrom(new)
+            elif node.op_type in ("EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                                  "RandomUniformLike", "ConstantOfShape") and attr.name == "dtype" and attr.i == FLOAT:
+                attr.i = FLOAT16
+            elif node.op_type == "ConstantOfShape" and attr.name == "value" and attr.t.data_type == FLOAT:
+                attr.t.CopyFrom(_to_fp16_tensor(attr.t))
+    for vi in graph.value_info:
+        if vi.name not in keep_fp32:
+            _retype(vi)
+
+    initializer_names = {t.name for t in graph.initializer}
+    float_inputs = [vi for vi in graph.input if vi.name not in initializer_names
+                    and vi.type.tensor_type.elem_type == FLOAT]
+    float_outputs = [vi for vi in graph.output if vi.type.tensor_type.elem_type == FLOAT]
+    if not keep_io_types:
+        for vi in float_inputs + float_outputs:
+            _retype(vi)
+        return out
+
+    casts_in, casts_out = [], []
+    for vi in float_inputs:
+        inner = vi.name + "__fp16"
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                if name == vi.name:
+                    node.input[k] = inner
+        casts_in.append(helper.make_node("Cast", [vi.name], [inner], to=FLOAT16, name=inner + "_cast"))
+    for vi in float_outputs:
+        inner = vi.name + "__fp16"
+        for node in graph.node:
+            for k, name in enumerate(node.output):
+                if name == vi.name:
+                    node.output[k] = inner
+            for k, name in enumerate(node.input):  # an output may also feed later nodes
+                if name == vi.name:
+                    node.input[k] = inner
+        casts_out.append(helper.make_node("Cast", [inner], [vi.name], to=FLOAT, name=inner + "_cast"))
+    nodes = casts_in + list(graph.node) + casts_out
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out

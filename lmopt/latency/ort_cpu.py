@@ -1,0 +1,85 @@
+"""ONNX Runtime on the CPU, configured as deployed: all graph optimisations, fixed threads.
+
+intra-op threads are fixed (default: every physical core this process may use), inter-op 1,
+sequential execution, so repeated runs are comparable; wall time of session.run is the latency.
+"""
+from __future__ import annotations
+
+import time
+
+import onnx
+
+from ..errors import LmoptError
+from ..onnxio import runtime_compatible
+from .base import LatencyBackend, Session, copy_model, cpu_name, one_line, physical_cores, random_inputs
+
+
+class _OrtSession(Session):
+    def __init__(self, session, feeds):
+        self.session = session
+        self.feeds = feeds
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def run_timed(self, count: int) -> list[float]:
+        times = []
+        run, outputs, feeds = self.session.run, self.outputs, self.feeds
+        for _ in range(count):
+            start = time.perf_counter()
+            run(outputs, feeds)
+            times.append((time.perf_counter() - start) * 1000.0)
+        return times
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+def ort_bytes(model: onnx.ModelProto) -> bytes:
+    """The model serialised at an IR version the installed onnxruntime accepts (the caller's copy is untouched)."""
+    return runtime_compatible(copy_model(model)).SerializeToString()
+
+
+class OrtCpuBackend(LatencyBackend):
+    """--backend ort-cpu: onnxruntime's CPUExecutionProvider, fp32."""
+
+    name = "ort-cpu"
+
+    def __init__(self, threads: int | None = None, **options):
+        super().__init__(**options)
+        if self.precision != "fp32":
+            raise LmoptError("the ort-cpu backend times fp32 only (onnxruntime's CPU kernels are fp32)")
+        self.threads = int(threads) if threads else physical_cores()
+        if self.threads < 1:
+            raise LmoptError("threads must be at least 1")
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return f"onnxruntime is not installed (pip install onnxruntime): {exc}"
+        return None
+
+    def cache_key(self) -> dict:
+        import onnxruntime as ort
+
+        return self._base_key(cpu_name(), f"onnxruntime {ort.__version__}", threads=self.threads)
+
+    def _open(self, model: onnx.ModelProto) -> Session:
+        import onnxruntime as ort
+
+        feeds = random_inputs(model)
+        try:
+            session = ort.InferenceSession(ort_bytes(model), session_options(self.threads),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
+            raise LmoptError(f"onnxruntime cannot load the model: {one_line(exc)[:300]}") from None
+        return _OrtSession(session, feeds)

@@ -1,0 +1,133 @@
+"""--backend torch-cuda: blocks translated to torch (lmopt.latency.torch_translate) and timed on CUDA.
+
+The translation is lmopt's own small ONNX -> torch interpreter, not onnx2torch (unmaintained
+since 2024, pulls in torchvision); torch_translate's docstring says why and what it covers.
+
+For machines with a GPU but no TensorRT. cudnn.benchmark picks the fastest convolution
+algorithms during warm-up; each block is captured into a CUDA graph when capture works
+(removing Python and launch overhead, as a deployed graph would), else run eagerly; each run
+is bracketed by CUDA events and the median is reported. fp16 runs the module after
+module.half() on half inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import onnx
+
+from ..errors import LmoptError
+from .base import LatencyBackend, Session, one_line, random_inputs
+
+
+def torch_status() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed (pip install torch, a CUDA build)"
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        return f"torch {torch.__version__} ({build}) sees no CUDA GPU"
+    return None
+
+
+class _TorchSession(Session):
+    batch = 10
+
+    def __init__(self, model: onnx.ModelProto, precision: str, use_cuda_graph: bool):
+        import numpy as np
+        import torch
+
+        from .torch_translate import translate
+
+        self.torch = torch
+        module = translate(model).to("cuda")
+        feeds = random_inputs(model)
+        inputs = []
+        for array in feeds.values():
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).to("cuda")
+            if precision == "fp16" and tensor.is_floating_point():
+                tensor = tensor.half()
+            inputs.append(tensor)
+        if precision == "fp16":
+            module = module.half()
+        self.module, self.inputs = module, inputs
+        self.graph = None
+        with torch.no_grad():
+            self._eager()  # first run: cudnn.benchmark's algorithm search
+            torch.cuda.synchronize()
+            if use_cuda_graph:
+                self._capture()
+        self.run = self.graph.replay if self.graph is not None else self._eager
+
+    def _eager(self):
+        with self.torch.no_grad():
+            return self.module(*self.inputs)
+
+    def _capture(self) -> None:
+        torch = self.torch
+        # torch's documented capture recipe: warm up on a side stream, then capture with torch.cuda.graph.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.module(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._static_out = self.module(*self.inputs)
+        except Exception:  # an op that cannot be captured: time eagerly
+            torch.cuda.synchronize()
+            return
+        self.graph = graph
+
+    def run_timed(self, count: int) -> list[float]:
+        torch = self.torch
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(count)]
+        with torch.no_grad():
+            for start, end in events:
+                start.record()
+                self.run()
+                end.record()
+        events[-1][1].synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+
+    def close(self) -> None:
+        self.graph = None
+        self.module = self.inputs = None
+        with contextlib.suppress(Exception):
+            self.torch.cuda.empty_cache()
+
+
+class TorchCudaBackend(LatencyBackend):
+    """--backend torch-cuda: torch on the GPU, CUDA-event timing, CUDA graphs where capture works."""
+
+    name = "torch-cuda"
+
+    def __init__(self, use_cuda_graph: bool = True, **options):
+        super().__init__(**options)
+        self.use_cuda_graph = use_cuda_graph
+        import torch
+
+        torch.backends.cudnn.benchmark = True
+
+    @classmethod
+    def available(cls) -> str | None:
+        return torch_status()
+
+    def cache_key(self) -> dict:
+        import torch
+
+        library = (f"torch {torch.__version__} CUDA {torch.version.cuda} "
+                   f"cuDNN {torch.backends.cudnn.version()}")
+        return self._base_key(torch.cuda.get_device_name(0), library,
+                              cuda_graph=self.use_cuda_graph)
+
+    def _open(self, model: onnx.ModelProto) -> Session:
+        try:
+            return _TorchSession(model, self.precision, self.use_cuda_graph)
+        except LmoptError:
+            raise
+        except RuntimeError as exc:  # CUDA out of memory, shape errors
+            raise LmoptError(f"torch could not run the model: {one_line(exc)[:300]}") from None

@@ -1,0 +1,104 @@
+"""The DP selector (LayerMerge, single stage) and its baselines.
+
+Per chain, positions 0..L: M[j][t] = least summed damage of the first j layers within latency
+t, M[j][t] = min over candidates (i, j] of M[i][t - T(i,j)] + D(i,j). Latency is discretised;
+back-pointers rebuild the plan. Chains share one budget through a min-plus combination.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .candidates import Candidate
+
+METHODS = ("layermerge", "kim2023", "prune")
+
+
+def method_filter(method: str, cand: Candidate) -> bool:
+    """Which candidates a method may use. kim2023: activation removal and merging (no pruning);
+    prune: only whole layers or residual branches removed (a knapsack over layers)."""
+    if method == "layermerge" or cand.is_original:
+        return True
+    if method == "kim2023":
+        return not cand.pruned
+    if method == "prune":
+        return len(cand.pruned) == cand.length
+    raise ValueError(method)
+
+
+def _chain_table(chain_len: int, cands: list[Candidate], cost: dict, damage: dict, steps: int):
+    best = np.full((chain_len + 1, steps + 1), np.inf)
+    best[0, :] = 0.0
+    choice = np.full((chain_len + 1, steps + 1), -1, dtype=np.int64)
+    by_end: dict[int, list[int]] = {}
+    for index, cand in enumerate(cands):
+        by_end.setdefault(cand.end, []).append(index)
+    for j in range(1, chain_len + 1):
+        for index in by_end.get(j, []):
+            cand = cands[index]
+            c = cost[cand.key]
+            if c > steps:
+                continue
+            value = np.full(steps + 1, np.inf)
+            value[c:] = best[cand.start, : steps + 1 - c] + damage[cand.key]
+            better = value < best[j]
+            best[j][better] = value[better]
+            choice[j][better] = index
+    return best[chain_len], choice
+
+
+def _backtrack(chain_len: int, cands: list[Candidate], choice, cost: dict, t: int) -> list[Candidate]:
+    plan, j = [], chain_len
+    while j > 0:
+        cand = cands[choice[j, t]]
+        plan.append(cand)
+        t -= cost[cand.key]
+        j = cand.start
+    return plan[::-1]
+
+
+def select(chain_lengths: dict[int, int], candidates: list[Candidate], latency: dict[str, float],
+           damage: dict[str, float], budget_ms: float, steps: int = 2000) -> tuple[list[Candidate], float] | None:
+    """Least-damage plan whose summed block latency fits `budget_ms`; None when nothing fits."""
+    if budget_ms <= 0:
+        return None
+    quantum = budget_ms / steps
+    cost = {c.key: int(round(latency[c.key] / quantum)) for c in candidates}
+    combined = np.zeros(steps + 1)
+    tables = []
+    for chain, length in sorted(chain_lengths.items()):
+        cands = [c for c in candidates if c.chain == chain]
+        final, choice = _chain_table(length, cands, cost, damage, steps)
+        # min-plus combination with the chains before: split[t] = latency given to this chain
+        merged = np.full(steps + 1, np.inf)
+        split = np.zeros(steps + 1, dtype=np.int64)
+        for t_chain in np.nonzero(np.isfinite(final))[0]:
+            value = np.full(steps + 1, np.inf)
+            value[t_chain:] = combined[: steps + 1 - t_chain] + final[t_chain]
+            better = value < merged
+            merged[better] = value[better]
+            split[better] = t_chain
+        tables.append((chain, length, cands, final, choice, split))
+        combined = merged
+    if not np.isfinite(combined[steps]):
+        return None
+    plan, t = [], steps
+    for chain, length, cands, final, choice, split in reversed(tables):
+        t_chain = int(split[t])
+        plan = _backtrack(length, cands, choice, cost, t_chain) + plan
+        t -= t_chain
+    return plan, sum(latency[c.key] for c in plan)
+
+
+def fastest(chain_lengths: dict[int, int], candidates: list[Candidate], latency: dict[str, float]) -> float:
+    """Least summed block latency any plan reaches (a shortest path per chain)."""
+    total = 0.0
+    for chain, length in chain_lengths.items():
+        best = [0.0] + [math.inf] * length
+        for j in range(1, length + 1):
+            for cand in candidates:
+                if cand.chain == chain and cand.end == j:
+                    best[j] = min(best[j], best[cand.start] + latency[cand.key])
+        total += best[length]
+    return total

@@ -1,0 +1,286 @@
+"""Latency: signatures, the sqlite cache, profile_blocks, latency tables, the ORT CPU backend, fp16 conversion."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lmopt.errors import LmoptError
+from lmopt.latency import (LatencyBackend, LatencyCache, default_cache_path, get_backend, make_table,
+                           model_fingerprint, profile_blocks, read_table, structural_signature, write_table)
+from lmopt.latency.base import random_inputs
+from lmopt.latency.fp16 import convert_to_fp16
+from lmopt.onnxio import DEFAULT_OPSET, max_ir_version, runtime_compatible
+
+
+def conv_block(channels=8, size=16, seed=0, prefix="", pads=(1, 1, 1, 1), batch=1):
+    """Conv 3x3 + bias + Relu, names prefixed so two copies differ only in names and weights."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((channels, channels, 3, 3)).astype(np.float32), prefix + "w")
+    b = numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), prefix + "b")
+    out = size + pads[0] + pads[2] - 2
+    graph = helper.make_graph(
+        [helper.make_node("Conv", [prefix + "x", prefix + "w", prefix + "b"], [prefix + "y"], pads=list(pads),
+                          name=prefix + "conv"),
+         helper.make_node("Relu", [prefix + "y"], [prefix + "z"], name=prefix + "relu")],
+        prefix + "block",
+        [helper.make_tensor_value_info(prefix + "x", TensorProto.FLOAT, [batch, channels, size, size])],
+        [helper.make_tensor_value_info(prefix + "z", TensorProto.FLOAT, [batch, channels, out, out])],
+        [w, b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
+
+
+def reshape_block(shape):
+    target = numpy_helper.from_array(np.array(shape, dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [target])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
+
+
+# --- signatures ----------------------------------------------------------------------------------
+
+def test_signature_ignores_names_and_weight_values():
+    a = conv_block(seed=0, prefix="a_")
+    b = conv_block(seed=1, prefix="other_")
+    assert structural_signature(a) == structural_signature(b)
+    assert len(structural_signature(a)) == 64
+
+
+def test_signature_changes_with_structure():
+    base = structural_signature(conv_block())
+    assert structural_signature(conv_block(size=32)) != base            # input shape
+    assert structural_signature(conv_block(channels=16)) != base        # weight shape
+    assert structural_signature(conv_block(batch=2)) != base            # batch
+    assert structural_signature(conv_block(pads=(0, 0, 0, 0))) != base  # attribute
+    relu6 = conv_block()
+    relu6.graph.node[1].op_type = "Sigmoid"
+    assert structural_signature(relu6) != base                           # op type
+
+
+def test_signature_keeps_integer_constants():
+    # a Reshape's target shape is structure, not a weight
+    assert structural_signature(reshape_block([6, 4])) != structural_signature(reshape_block([2, 12]))
+
+
+def test_fingerprint_sees_weights():
+    assert model_fingerprint(conv_block(seed=0)) != model_fingerprint(conv_block(seed=1))
+    assert model_fingerprint(conv_block(seed=0, prefix="a")) == model_fingerprint(conv_block(seed=0, prefix="b"))
+
+
+# --- cache -------------------------------------------------------------------------------------
+
+KEY = {"backend": "fake", "device": "test", "library": "none", "precision": "fp32"}
+
+
+def test_cache_round_trip_and_persistence(tmp_path):
+    path = tmp_path / "lat.sqlite"
+    with LatencyCache(path) as cache:
+        assert cache.get("sig", KEY) is None
+        cache.put("sig", KEY, 1.25)
+        assert cache.get("sig", KEY) == 1.25
+        assert cache.get("sig", {**KEY, "precision": "fp16"}) is None  # key is part of the lookup
+    with LatencyCache(path) as again:  # a new instance (a new process) sees it
+        assert again.get("sig", KEY) == 1.25
+        assert len(again) == 1
+        assert again.entries(KEY) == {"sig": 1.25}
+
+
+def test_cache_key_order_does_not_matter(tmp_path):
+    with LatencyCache(tmp_path / "c.sqlite") as cache:
+        cache.put("s", {"a": 1, "b": 2}, 3.0)
+        assert cache.get("s", {"b": 2, "a": 1}) == 3.0
+
+
+def test_cache_default_location_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMOPT_CACHE_DIR", str(tmp_path / "here"))
+    assert default_cache_path() == tmp_path / "here" / "latency.sqlite"
+    with LatencyCache() as cache:
+        cache.put("s", KEY, 1.0)
+    assert (tmp_path / "here" / "latency.sqlite").is_file()
+
+
+def test_cache_rejects_a_file_that_is_not_sqlite(tmp_path):
+    path = tmp_path / "bad.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LmoptError) as info:
+        LatencyCache(path)
+    assert "\n" not in str(info.value) and "latency cache" in str(info.value)
+
+
+# --- profile_blocks ------------------------------------------------------------------------------
+
+class CountingBackend(LatencyBackend):
+    """A fake backend: 'times' a block as its node count, counts measure() calls, can fail on the n-th."""
+
+    name = "fake"
+
+    def __init__(self, interrupt_at: int | None = None):
+        super().__init__()
+        self.calls = 0
+        self.interrupt_at = interrupt_at
+
+    def cache_key(self) -> dict:
+        return dict(KEY)
+
+    def _open(self, model):  # never used: measure is overridden
+        raise AssertionError
+
+    def measure(self, model) -> float:
+        self.calls += 1
+        if self.interrupt_at is not None and self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return float(model.graph.input[0].type.tensor_type.shape.dim[2].dim_value)
+
+
+def some_blocks():
+    # 6 blocks, 3 distinct structures (sizes 8, 16, 32)
+    return {f"b{i}": conv_block(size=size, seed=i, prefix=f"p{i}_")
+            for i, size in enumerate([8, 16, 8, 32, 16, 8])}
+
+
+def test_profile_blocks_times_each_signature_once():
+    backend = CountingBackend()
+    sigs = {}
+    result = profile_blocks(some_blocks(), backend, progress=False, signatures=sigs)
+    assert backend.calls == 3
+    assert result == {"b0": 8.0, "b1": 16.0, "b2": 8.0, "b3": 32.0, "b4": 16.0, "b5": 8.0}
+    assert sigs["b0"] == sigs["b2"] == sigs["b5"] != sigs["b1"]
+
+
+def test_profile_blocks_second_call_retimes_nothing(tmp_path):
+    with LatencyCache(tmp_path / "c.sqlite") as cache:
+        first = CountingBackend()
+        profile_blocks(some_blocks(), first, cache=cache, progress=False)
+        assert first.calls == 3
+        second = CountingBackend()
+        again = profile_blocks(some_blocks(), second, cache=cache, progress=False)
+        assert second.calls == 0
+        assert again["b3"] == 32.0
+
+
+def test_interrupted_profiling_keeps_what_was_timed(tmp_path):
+    path = tmp_path / "c.sqlite"
+    with LatencyCache(path) as cache:
+        with pytest.raises(KeyboardInterrupt):
+            profile_blocks(some_blocks(), CountingBackend(interrupt_at=3), cache=cache, progress=False)
+    with LatencyCache(path) as cache:  # as after a restart
+        assert len(cache) == 2
+        resumed = CountingBackend()
+        result = profile_blocks(some_blocks(), resumed, cache=cache, progress=False)
+        assert resumed.calls == 1
+        assert len(result) == 6
+
+
+# --- latency tables ------------------------------------------------------------------------------
+
+def test_table_round_trip(tmp_path):
+    model = conv_block()
+    blocks = some_blocks()
+    sigs = {}
+    latencies = profile_blocks(blocks, CountingBackend(), progress=False, signatures=sigs)
+    table = make_table(model, KEY, latencies, sigs)
+    path = write_table(tmp_path / "t.json", table)
+    back = read_table(path)
+    assert back["backend"] == KEY
+    assert back["model_fingerprint"] == model_fingerprint(model)
+    assert back["blocks"]["b3"] == {"signature": sigs["b3"], "ms": 32.0}
+
+
+@pytest.mark.parametrize("content", [b"\x08\x07\x12\x00garbage", b'{"blocks": {}}', b"[1, 2]",
+                                     b'{"format": "lmopt-latency-table", "version": 1, "backend": {}}'])
+def test_read_table_rejects_other_files(tmp_path, content):
+    path = tmp_path / "x.json"
+    path.write_bytes(content)
+    with pytest.raises(LmoptError) as info:
+        read_table(path)
+    assert "\n" not in str(info.value) and "latency table" in str(info.value)
+
+
+def test_read_table_missing_file(tmp_path):
+    with pytest.raises(LmoptError, match="no such file"):
+        read_table(tmp_path / "none.json")
+
+
+# --- the ORT CPU backend -------------------------------------------------------------------------
+
+def fast_ort():
+    return get_backend("ort-cpu", warmup_s=0.01, runs=5, min_time_s=0.01)
+
+
+def test_ort_backend_measures_positive_medians():
+    backend = fast_ort()
+    ms = backend.measure(conv_block())
+    assert ms > 0
+    key = backend.cache_key()
+    assert key["backend"] == "ort-cpu" and key["precision"] == "fp32" and key["threads"] >= 1
+    assert "onnxruntime" in key["library"] and key["device"]
+
+
+def test_ort_backend_interleaved_returns_one_median_per_model():
+    medians = fast_ort().measure_interleaved([conv_block(size=8), conv_block(size=32), conv_block()], rounds=3)
+    assert len(medians) == 3 and all(m > 0 for m in medians)
+
+
+def test_ort_backend_accepts_a_newer_ir_version_and_leaves_the_model_alone():
+    model = conv_block()
+    model.ir_version = max_ir_version() + 1
+    assert fast_ort().measure(model) > 0
+    assert model.ir_version == max_ir_version() + 1
+
+
+def test_ort_backend_rejects_dynamic_shapes():
+    model = conv_block()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    with pytest.raises(LmoptError, match="dynamic dimension"):
+        fast_ort().measure(model)
+
+
+def test_ort_backend_threads_option():
+    assert get_backend("ort-cpu", threads=1).cache_key()["threads"] == 1
+    with pytest.raises(LmoptError, match="fp32"):
+        get_backend("ort-cpu", precision="fp16")
+
+
+def test_get_backend_unknown_name_is_one_line():
+    with pytest.raises(LmoptError) as info:
+        get_backend("tpu-magic")
+    message = str(info.value)
+    assert "\n" not in message and "tpu-magic" in message and "ort-cpu" in message
+
+
+def test_random_inputs_follow_value_info():
+    feeds = random_inputs(conv_block(channels=4, size=5, batch=2))
+    (name, array), = feeds.items()
+    assert array.shape == (2, 4, 5, 5) and array.dtype == np.float32
+
+
+# --- fp16 conversion (TensorRT 11 and ort-cuda fp16) -----------------------------------------------
+
+@pytest.mark.parametrize("keep_io_types", [False, True])
+def test_fp16_conversion_is_valid_and_close(keep_io_types):
+    model = conv_block(channels=4, size=8)
+    half = convert_to_fp16(model, keep_io_types=keep_io_types)
+    onnx.checker.check_model(half, full_check=True)
+    assert all(t.data_type == TensorProto.FLOAT16 for t in half.graph.initializer)
+    assert model.graph.initializer[0].data_type == TensorProto.FLOAT  # original untouched
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(runtime_compatible(model).SerializeToString()).run(None, {"x": x})[0]
+    feed = x if keep_io_types else x.astype(np.float16)
+    out = ort.InferenceSession(runtime_compatible(half).SerializeToString()).run(None, {"x": feed})[0]
+    assert out.dtype == (np.float32 if keep_io_types else np.float16)
+    np.testing.assert_allclose(out.astype(np.float32), ref, atol=0.05, rtol=0.01)
+
+
+def test_cache_file_is_plain_sqlite(tmp_path):
+    path = tmp_path / "c.sqlite"
+    with LatencyCache(path) as cache:
+        cache.put("s", KEY, 2.0)
+    rows = sqlite3.connect(str(path)).execute("SELECT signature, backend, ms FROM latency").fetchall()
+    assert rows == [("s", json.dumps(KEY, sort_keys=True, separators=(",", ":")), 2.0)]
