@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from .loader import to_model
+from .loader import remove_passthrough_nodes, to_model
 
 
 def upstream_nodes(tensors: list[gs.Tensor]) -> set[int]:
@@ -59,6 +59,7 @@ def _extract(graph: gs.Graph, keep: set[int], outputs: list[str], like: onnx.Mod
     sub.inputs = inputs
     tensors = sub.tensors()
     sub.outputs = [tensors[name] for name in outputs]
+    remove_passthrough_nodes(sub)  # as the final model will have them removed
     return to_model(sub, like=like)
 
 

@@ -22,7 +22,7 @@ from .loader import canonicalise
 from .passes.apply import apply_candidates
 from .passes.merge import rewrite_block
 from .select import METHODS, fastest, method_filter, select
-from .verify import compare, op_table, run_outputs
+from .verify import compare, damage, op_table, run_outputs
 
 
 @dataclass
@@ -81,104 +81,131 @@ def profile_table(source, backend_name=None, input_shapes=None, max_kernel=7, ca
     return table
 
 
-def optimize(source, target: float = 2.0, *, method: str = "layermerge", backend: str | None = None,
-             calib: str | None = None, preprocess: Preprocess | None = None, calib_count: int = 16,
-             eval_count: int = 16, input_shapes: dict | None = None, latency_table: str | None = None,
-             max_kernel: int = 7, cache_path=None, measure: bool = True, progress: bool = True,
-             backend_options: dict | None = None, log=print) -> tuple[onnx.ModelProto, dict]:
-    """Compress `source` (path or ModelProto) to run about `target` times faster. Returns (model, report)."""
-    started = time.perf_counter()
+class Study:
+    """Everything a plan is chosen from: candidates, their latency and their damage. Built once,
+    it plans for any target and method (the bench uses one study for all of them)."""
+
+    def __init__(self, source, *, method: str = "layermerge", backend: str | None = None,
+                 calib: str | None = None, preprocess: Preprocess | None = None, calib_count: int = 16,
+                 eval_count: int = 16, input_shapes: dict | None = None, latency_table: str | None = None,
+                 max_kernel: int = 7, cache_path=None, progress: bool = True,
+                 backend_options: dict | None = None, log=print):
+        started = time.perf_counter()
+        if method not in METHODS:
+            raise LmoptError(f"unknown method {method!r} (choose from: {', '.join(METHODS)})")
+        self.prepared = prepare(source, input_shapes, max_kernel, method)
+        model, analysis, candidates = self.prepared.model, self.prepared.analysis, self.prepared.candidates
+        self.model, self.analysis, self.candidates = model, analysis, candidates
+        cal_feeds, self.eval_feeds, self.data_note = calibration_sets(model, calib, calib_count, eval_count, preprocess)
+        log(f"lmopt: {len(analysis.chains)} chains, {len(candidates)} candidates ({method}); importance from {self.data_note}")
+
+        table = read_table(latency_table) if latency_table else None
+        self.runner = None
+        self.latency_source = latency_table or "measured in this run"
+        if table is not None:
+            self._check_table(table, latency_table, backend)
+            self.backend_key = table["backend"]
+            if _same_machine(table["backend"]):
+                self.runner = get_backend(table["backend"]["backend"], **(backend_options or {}))
+        else:
+            self.runner = get_backend(backend, **(backend_options or {}))
+            self.backend_key = self.runner.cache_key()
+        # Importance, and the block models to time, from one rewrite per candidate.
+        scorer = Scorer(model, cal_feeds, [p for chain in analysis.chains for p in chain.positions])
+        self.damage, blocks = {}, {}
+        for cand in tqdm(candidates, desc="scoring", unit="cand", disable=not progress, leave=False):
+            graph = candidate_graph(model, analysis, cand)
+            if table is None:
+                blocks[cand.key] = block_of(model, analysis, cand, graph)
+            if cand.is_original:
+                self.damage[cand.key] = 0.0
+                continue
+            start = analysis.chains[cand.chain].positions[cand.start]
+            self.damage[cand.key] = max(0.0, damage(scorer.score(graph, start)))
+        if table is None:
+            cache = LatencyCache(cache_path) if cache_path is not False else None
+            self.latency = profile_blocks(blocks, self.runner, cache, progress=progress)
+            self.whole_ms = self.runner.measure(model)
+        else:
+            self.latency = {c.key: table["blocks"][c.key]["ms"] for c in candidates}
+            self.whole_ms = float(table["model_ms"])
+        self.chain_lengths = {c.index: len(c) for c in analysis.chains}
+        blocks_ms = sum(self.latency[c.key] for c in candidates if c.is_original)
+        # What no candidate changes (stem, pooling, head, runtime overhead); clamped, since runtime
+        # fusion can make the whole model faster than the sum of its blocks.
+        self.fixed_ms = max(0.0, self.whole_ms - blocks_ms)
+        self.seconds = time.perf_counter() - started
+
+    def _check_table(self, table: dict, path: str, backend: str | None) -> None:
+        if table["model_fingerprint"] != model_fingerprint(self.model):
+            raise LmoptError(f"{path} was profiled on another model (or other input shapes): re-run lmopt profile")
+        missing = [c.key for c in self.candidates if c.key not in table["blocks"]]
+        if missing or "model_ms" not in table:
+            raise LmoptError(f"{path} lacks {len(missing)} of this run's blocks (profiled with other options?): re-run lmopt profile")
+        if backend is not None and backend != table["backend"]["backend"]:
+            raise LmoptError(f"{path} holds {table['backend']['backend']} latencies, not {backend}")
+
+    def plan(self, target: float, method: str = "layermerge", measure: bool = True,
+             log=print) -> tuple[onnx.ModelProto, dict]:
+        """The least-damage plan for `target` with `method`, applied, verified and measured."""
+        started = time.perf_counter()
+        if not target or target < 1.0:
+            raise LmoptError(f"--target must be at least 1 (a speed-up factor such as 1.5 or 2x), got {target}")
+        candidates = [c for c in self.candidates if method_filter(method, c)]
+        budget = self.whole_ms / target - self.fixed_ms
+        chosen = select(self.chain_lengths, candidates, self.latency, self.damage, budget)
+        target_met = chosen is not None
+        if chosen is None:
+            best_blocks = fastest(self.chain_lengths, candidates, self.latency)
+            best_speedup = self.whole_ms / (self.fixed_ms + best_blocks)
+            log(f"lmopt: target {target:g}x is out of reach with {method}: the best achievable is about "
+                f"{best_speedup:.2f}x; using that")
+            chosen = select(self.chain_lengths, candidates, self.latency, self.damage, best_blocks * 1.002)
+        plan, planned_ms = chosen
+        changes = [c for c in plan if not c.is_original]
+        optimized = apply_candidates(self.model, self.analysis, changes)
+        onnx.checker.check_model(optimized)
+        fidelity = compare(run_outputs(self.model, self.eval_feeds), run_outputs(optimized, self.eval_feeds))
+        predicted_ms = self.fixed_ms + planned_ms
+        predicted = self.whole_ms / predicted_ms
+        measured_ms = measured = None
+        if self.runner is not None and measure:
+            measured_ms = self.runner.measure_interleaved([self.model, optimized])
+            measured = measured_ms[0] / measured_ms[1]
+        report = {
+            "target": target,
+            "method": method,
+            "backend": self.backend_key,
+            "latency_source": self.latency_source,
+            "target_met": target_met,
+            "original_ms": self.whole_ms,
+            "predicted_ms": predicted_ms,
+            "predicted_speedup": predicted,
+            "measured_ms": measured_ms,
+            "measured_speedup": measured,
+            "prediction_error": None if measured is None else (predicted - measured) / measured,
+            "fidelity": fidelity,
+            "importance_data": self.data_note,
+            "candidates": len(candidates),
+            "changes": [_describe(self.analysis, c, self.latency, self.damage) for c in changes],
+            "before": op_table(self.model),
+            "after": op_table(optimized),
+            "canonicalisation": self.prepared.steps,
+            "seconds": round(self.seconds + time.perf_counter() - started, 1),
+        }
+        return optimized, report
+
+
+def optimize(source, target: float = 2.0, *, method: str = "layermerge", measure: bool = True,
+             log=print, **options) -> tuple[onnx.ModelProto, dict]:
+    """Compress `source` (path or ModelProto) to run about `target` times faster: (model, report).
+
+    Options: backend, calib, preprocess, calib_count, eval_count, input_shapes, latency_table,
+    max_kernel, cache_path (False: no cache), progress, backend_options (see Study)."""
     if not target or target < 1.0:
         raise LmoptError(f"--target must be at least 1 (a speed-up factor such as 1.5 or 2x), got {target}")
-    if method not in METHODS:
-        raise LmoptError(f"unknown method {method!r} (choose from: {', '.join(METHODS)})")
-    prepared = prepare(source, input_shapes, max_kernel, method)
-    model, analysis, candidates = prepared.model, prepared.analysis, prepared.candidates
-    cal_feeds, eval_feeds, data_note = calibration_sets(model, calib, calib_count, eval_count, preprocess)
-    log(f"lmopt: {len(analysis.chains)} chains, {len(candidates)} candidates ({method}); importance from {data_note}")
-
-    table = read_table(latency_table) if latency_table else None
-    runner = None
-    if table is not None:
-        if table["model_fingerprint"] != model_fingerprint(model):
-            raise LmoptError(f"{latency_table} was profiled on another model (or other input shapes): re-run lmopt profile")
-        missing = [c.key for c in candidates if c.key not in table["blocks"]]
-        if missing or "model_ms" not in table:
-            raise LmoptError(f"{latency_table} lacks {len(missing)} of this run's blocks (profiled with other options?): re-run lmopt profile")
-        if backend is not None and backend != table["backend"]["backend"]:
-            raise LmoptError(f"{latency_table} holds {table['backend']['backend']} latencies, not {backend}")
-        latency = {c.key: table["blocks"][c.key]["ms"] for c in candidates}
-        whole_ms, backend_key = float(table["model_ms"]), table["backend"]
-        if measure and _same_machine(table["backend"]):
-            runner = get_backend(table["backend"]["backend"], **(backend_options or {}))
-    else:
-        runner = get_backend(backend, **(backend_options or {}))
-        backend_key = runner.cache_key()
-        cache = LatencyCache(cache_path) if cache_path is not False else None
-    # Importance, and block models for timing, from one rewrite per candidate.
-    scorer = Scorer(model, cal_feeds, [p for chain in analysis.chains for p in chain.positions])
-    damage, blocks, fidelity = {}, {}, {}
-    for cand in tqdm(candidates, desc="scoring", unit="cand", disable=not progress, leave=False):
-        graph = candidate_graph(model, analysis, cand)
-        if table is None:
-            blocks[cand.key] = block_of(model, analysis, cand, graph)
-        if cand.is_original:
-            damage[cand.key] = 0.0
-            continue
-        start = analysis.chains[cand.chain].positions[cand.start]
-        metrics = scorer.score(graph, start)
-        fidelity[cand.key] = metrics
-        damage[cand.key] = max(0.0, metrics.get("kl", metrics["nrmse"] ** 2))
-    if table is None:
-        latency = profile_blocks(blocks, runner, cache, progress=progress)
-        whole_ms = runner.measure(model)
-
-    chain_lengths = {c.index: len(c) for c in analysis.chains}
-    original = [c for c in candidates if c.is_original]
-    blocks_ms = sum(latency[c.key] for c in original)
-    fixed_ms = max(0.0, whole_ms - blocks_ms)  # what no candidate changes (stem, pooling, ...)
-    budget = whole_ms / target - fixed_ms
-    chosen = select(chain_lengths, candidates, latency, damage, budget)
-    target_met = chosen is not None
-    if chosen is None:
-        best_blocks = fastest(chain_lengths, candidates, latency)
-        best_speedup = whole_ms / (fixed_ms + best_blocks)
-        log(f"lmopt: target {target:g}x is out of reach with {method}: the best achievable is about {best_speedup:.2f}x; using that")
-        chosen = select(chain_lengths, candidates, latency, damage, best_blocks * 1.002)
-    plan, planned_ms = chosen
-    changes = [c for c in plan if not c.is_original]
-    optimized = apply_candidates(model, analysis, changes)
-    onnx.checker.check_model(optimized)
-
-    eval_metrics = compare(run_outputs(model, eval_feeds), run_outputs(optimized, eval_feeds))
-    predicted = whole_ms / (fixed_ms + planned_ms)
-    measured = None
-    measured_ms = None
-    if runner is not None and measure:
-        measured_ms = runner.measure_interleaved([model, optimized])
-        measured = measured_ms[0] / measured_ms[1]
-    report = {
-        "target": target,
-        "method": method,
-        "backend": backend_key,
-        "latency_source": latency_table or "measured in this run",
-        "target_met": target_met,
-        "original_ms": whole_ms,
-        "predicted_ms": fixed_ms + planned_ms,
-        "predicted_speedup": predicted,
-        "measured_ms": measured_ms,
-        "measured_speedup": measured,
-        "prediction_error": None if measured is None else (predicted - measured) / measured,
-        "fidelity": eval_metrics,
-        "importance_data": data_note,
-        "candidates": len(candidates),
-        "changes": [_describe(analysis, c, latency, damage) for c in changes],
-        "before": op_table(model),
-        "after": op_table(optimized),
-        "canonicalisation": prepared.steps,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    return optimized, report
+    study = Study(source, method=method, log=log, **options)
+    return study.plan(target, method, measure=measure, log=log)
 
 
 def _same_machine(key: dict) -> bool:
