@@ -69,6 +69,9 @@ class Skip:
     source: str               # tensor the shortcut starts from (the projection's input, or `tensor`)
     projection: str | None    # linear node on the shortcut (a 1x1 projection), None for identity
     position: int | None = None  # chain position of `source`, None when it lies outside the chain
+    # For a shortcut from outside the chain: whether the branch from `source` to the chain start
+    # holds no linear layer, so removing the branch removes only this chain's prefix (a LayerNorm...)
+    external_branch_removable: bool = False
 
 
 @dataclass
@@ -331,16 +334,26 @@ def analyse(model: onnx.ModelProto) -> Analysis:
         members = [units[name]]
         while following[members[-1].layer]:
             members.append(units[following[members[-1].layer]])
-        kind = "conv" if all(u.op == "Conv" for u in members) else "dense"
-        if kind == "dense" and any(u.op == "Conv" for u in members):
-            members = members[:1]  # mixed conv/dense runs are not merged (no such real case met)
-        chain = Chain(len(chains), kind, members)
-        positions = {t: k for k, t in enumerate(chain.positions)}
-        for k, unit in enumerate(members, start=1):
-            if unit.skip is not None:
-                p = positions.get(unit.skip.source)
-                unit.skip.position = p if p is not None and p < k else None
-        chains.append(chain)
+        # Fix (tests/test_analysis.py::test_mixed_conv_dense_run_splits_into_chains): a run mixing
+        # Conv and MatMul/Gemm used to keep its first unit only, labelled "dense" even when it was
+        # a Conv, and the other layers were lost. Now each same-kind stretch is its own chain.
+        runs: list[list[Unit]] = []
+        for unit in members:
+            if runs and (runs[-1][0].op == "Conv") == (unit.op == "Conv"):
+                runs[-1].append(unit)
+            else:
+                runs.append([unit])
+        for members in runs:
+            kind = "conv" if members[0].op == "Conv" else "dense"
+            chain = Chain(len(chains), kind, members)
+            positions = {t: k for k, t in enumerate(chain.positions)}
+            for k, unit in enumerate(members, start=1):
+                if unit.skip is not None:
+                    p = positions.get(unit.skip.source)
+                    unit.skip.position = p if p is not None and p < k else None
+                    if unit.skip.position is None and unit.skip.projection is None:
+                        unit.skip.external_branch_removable = _plain_prefix(tensors, unit.skip.source, chain.positions[0])
+            chains.append(chain)
 
     on_chain = {n for c in chains for u in c.units for n in _unit_nodes(u)}
     stops: dict[str, int] = {}
@@ -353,6 +366,26 @@ def analyse(model: onnx.ModelProto) -> Analysis:
             if unit.act:
                 kinds[unit.act.kind] = kinds.get(unit.act.kind, 0) + 1
     return Analysis(chains, stops, unsupported, kinds)
+
+
+def _plain_prefix(tensors: dict, source: str, start: str) -> bool:
+    """True when every node between `source` and `start` is something other than a linear layer
+    (so that what dies with a removed branch is not timed by another chain)."""
+    nodes, stack, seen = [], [tensors[start]], set()
+    while stack:
+        tensor = stack.pop()
+        if tensor.name == source:
+            continue
+        for producer in tensor.inputs:
+            if id(producer) in seen:
+                continue
+            seen.add(id(producer))
+            nodes.append(producer)
+            if len(nodes) > 50:
+                return False
+            stack.extend(t for t in producer.inputs if not isinstance(t, gs.Constant) and t.inputs)
+    reaches_source = any(t.name == source for n in nodes for t in n.inputs)
+    return reaches_source and not any(n.op in LINEAR_OPS for n in nodes)
 
 
 def _unit_nodes(unit: Unit) -> list[str]:

@@ -71,11 +71,17 @@ def block_model(graph: gs.Graph, start: str, end: str, like: onnx.ModelProto) ->
     return _extract(graph, keep, [end], like)
 
 
-def suffix_model(graph: gs.Graph, start: str, like: onnx.ModelProto) -> onnx.ModelProto | None:
-    """Everything downstream of `start` that feeds the first graph output (None if nothing does)."""
-    tensors = graph.tensors()
+def suffix_model(graph: gs.Graph, changed_prefix: str, like: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The nodes whose values a rewrite can change (the new nodes named `changed_prefix...` and
+    everything downstream of them) that feed the first graph output, as a model whose inputs are
+    the unchanged tensors they read. None when the rewrite does not reach the output."""
     output = graph.outputs[0]
-    keep = downstream_nodes(tensors[start]) & upstream_nodes([output])
+    changed = [n for n in graph.nodes if n.name.startswith(changed_prefix)]
+    keep = {id(n) for n in changed}
+    for node in changed:
+        for t in node.outputs:
+            keep |= downstream_nodes(t)
+    keep &= upstream_nodes([output])
     if not keep:
         return None
     return _extract(graph, keep, [output.name], like)

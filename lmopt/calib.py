@@ -37,6 +37,15 @@ def _image_array(path: Path, shape: tuple[int, ...], prep: Preprocess) -> np.nda
         channels, height, width = shape[1], shape[2], shape[3]
     else:
         height, width, channels = shape[1], shape[2], shape[3]
+    # Fix: a wrong layout or a mean/std of the wrong length used to end in a numpy ValueError.
+    if channels not in (1, 3):
+        raise LmoptError(f"--calib images: the model's input {list(shape)} has {channels} channels in {prep.layout} "
+                         f"layout (images give 1 or 3): is --layout right?")
+    for what, values in (("--mean", prep.mean), ("--std", prep.std)):
+        if len(values) not in (1, 3):
+            raise LmoptError(f"{what} has {len(values)} values: give 1 or 3 (one per RGB channel)")
+    if any(v == 0 for v in prep.std):
+        raise LmoptError("--std values must be non-zero")
     try:
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
@@ -69,8 +78,14 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise LmoptError(f"--calib {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-        files = files[:count] if count else files
-        samples = [_image_array(f, shape, prep)[None] for f in files]
+        batch = shape[0]
+        files = files[:count * batch] if count else files
+        # Fix: images used to be one per feed, which failed (a numpy ValueError) for a batch > 1
+        # input; now they fill whole batches (a remainder that fills no batch is left out).
+        if len(files) < batch:
+            raise LmoptError(f"--calib {path}: {len(files)} images do not fill one batch of the model's input {list(shape)}")
+        files = files[:len(files) - len(files) % batch]
+        samples = list(np.stack([_image_array(f, shape, prep) for f in files]).reshape((-1,) + tuple(shape)))
     else:
         try:
             loaded = np.load(path, allow_pickle=False)
@@ -78,7 +93,11 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
             raise LmoptError(f"--calib {path}: not a readable .npy/.npz file ({type(exc).__name__})") from None
         if isinstance(loaded, np.lib.npyio.NpzFile):
             arrays = [loaded[k] for k in loaded.files]
-            array = np.concatenate([a.reshape((-1,) + a.shape[-(len(shape) - 1):]) for a in arrays]) if arrays else None
+            try:
+                array = np.concatenate([a.reshape((-1,) + a.shape[-(len(shape) - 1):]) for a in arrays]) if arrays else None
+            except ValueError:  # Fix: arrays of different shapes used to escape as a numpy error
+                raise LmoptError(f"--calib {path}: its arrays have different shapes "
+                                 f"{[list(a.shape) for a in arrays]}; the model's input {name!r} is {list(shape)}") from None
         else:
             array = loaded
         if array is None or array.size == 0:
@@ -93,7 +112,11 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
         else:
             raise LmoptError(f"--calib {path}: arrays of shape {list(array.shape)} do not match the model's input "
                              f"{name!r} {list(shape)} (expected N x {list(item)})")
-        array = array.reshape((-1,) + tuple(shape))
+        # Fix: N samples that fill no whole batch of a batch > 1 input used to fail in reshape.
+        flat = array.reshape((-1,) + item)
+        if len(flat) < shape[0]:
+            raise LmoptError(f"--calib {path}: {len(flat)} samples do not fill one batch of the model's input {list(shape)}")
+        array = flat[:len(flat) - len(flat) % shape[0]].reshape((-1,) + tuple(shape))
         samples = list(array[:count] if count else array)
     return [{name: np.asarray(s, dtype=dtype).reshape(shape)} for s in samples]
 

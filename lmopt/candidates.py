@@ -49,7 +49,9 @@ def branch_start(chain: Chain, k: int) -> int | None:
     skip = chain.units[k - 1].skip
     if skip is None:
         return None
-    return skip.position if skip.position is not None else (0 if skip.projection is None else None)
+    if skip.position is not None:
+        return skip.position
+    return 0 if skip.external_branch_removable else None
 
 
 def removed_branches(chain: Chain, cand: Candidate) -> list[int]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import shlex
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LmoptError
-from .onnxio import load_model, save_model
+from .onnxio import atomic_write_bytes, load_model, save_model
 
 
 @dataclass
@@ -54,21 +53,6 @@ def trtexec_command(onnx_path: str | os.PathLike, engine_path: str | os.PathLike
     if timing_cache:
         args.append(f"--timingCacheFile={timing_cache}")
     return " ".join(shlex.quote(a) for a in args)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def time_engine(engine_bytes: bytes, warmup_s: float = 0.2, runs: int = 100, min_time_s: float = 1.0,
@@ -108,7 +92,7 @@ def build_engine(model_path: str | os.PathLike, engine_path: str | os.PathLike, 
     flags = has_precision_flags()
     set_polygraphy_severity("WARNING")
     engine_bytes, parsed = build_engine_bytes(model, precision, workspace_mib, timing_cache, fp16_io=False)
-    write_bytes_atomic(engine_path, engine_bytes)
+    atomic_write_bytes(engine_path, engine_bytes)
 
     notes = []
     onnx_for_trtexec = Path(model_path)

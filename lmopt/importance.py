@@ -3,52 +3,67 @@ applied, measured on calibration inputs. Only the part of the network downstream
 re-run; its other inputs come from one cached run of the original model."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .blocks import boundary_tensors, downstream_nodes, suffix_model
+from .blocks import suffix_model
 from .loader import to_model
-from .verify import compare, run_outputs, session
+from .verify import compare, session
+
+
+# Bump when the damage measure changes, so cached scores of the old measure are not reused.
+SCORE_VERSION = "damage-v2"
+
+
+def feeds_fingerprint(feeds: list[dict[str, np.ndarray]]) -> str:
+    digest = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    return digest.hexdigest()[:32]
 
 
 class Scorer:
-    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], starts: list[str]):
-        """`starts`: every tensor a candidate block may start from (the chains' positions)."""
+    """Scores rewrites against the original model on calibration feeds. Tensors of the original
+    that a rewrite's suffix reads are computed by running the original with them as extra outputs,
+    once per new set of tensors, and kept."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], prefetch: list[str]):
+        """`prefetch`: tensors most suffixes will read (the chains' positions)."""
         self.model, self.feeds = model, feeds
-        graph = gs.import_onnx(model)
-        tensors = graph.tensors()
-        needed: dict[str, gs.Tensor] = {}
-        for name in set(starts):
-            downstream = [n for n in graph.nodes if id(n) in downstream_nodes(tensors[name])]
-            for t in boundary_tensors(downstream):
-                needed[t.name] = t
-        input_names = {t.name for t in graph.inputs}
-        extra = [t for name, t in needed.items() if name not in input_names]
-        probe = graph.copy()
-        probe_tensors = probe.tensors()
-        probe.outputs = list(probe.outputs) + [probe_tensors[t.name] for t in extra]
-        sess = session(to_model(probe, like=model))
-        names = [o.name for o in sess.get_outputs()]
-        self.cached: list[dict[str, np.ndarray]] = []
+        self.graph = gs.import_onnx(model)
+        self.cached: list[dict[str, np.ndarray]] = [dict(feed) for feed in feeds]
+        self.reference = None
+        self._fetch(list(dict.fromkeys(prefetch)))
+
+    def _fetch(self, names: list[str]) -> None:
+        missing = [n for n in names if n not in self.cached[0]]
+        if not missing and self.reference is not None:
+            return
+        probe = self.graph.copy()
+        tensors = probe.tensors()
+        probe.outputs = list(probe.outputs[:1]) + [tensors[n] for n in missing]
+        sess = session(to_model(probe, like=self.model))
         reference = []
-        for feed in feeds:
-            values = dict(zip(names, sess.run(None, feed)))
-            reference.append(values[names[0]])
-            self.cached.append({**feed, **{t.name: values[t.name] for t in extra}})
+        for cached, feed in zip(self.cached, self.feeds):
+            values = sess.run(None, feed)
+            reference.append(values[0])
+            cached.update(zip(missing, values[1:]))
         self.reference = np.stack(reference)
 
-    def score(self, transformed: gs.Graph, start: str) -> dict:
-        """Fidelity metrics of the transformed graph against the original, re-running only the suffix."""
-        suffix = suffix_model(transformed, start, like=self.model)
+    def score(self, transformed: gs.Graph, changed_prefix: str) -> dict:
+        """Fidelity metrics of the transformed graph against the original; only the part of the
+        network the rewrite (nodes named `changed_prefix...`) can change is run."""
+        suffix = suffix_model(transformed, changed_prefix, like=self.model)
         if suffix is None:
             return compare(self.reference, self.reference)
         sess = session(suffix)
         wanted = [i.name for i in sess.get_inputs()]
+        self._fetch(wanted)
         outputs = [sess.run(None, {name: cached[name] for name in wanted})[0] for cached in self.cached]
         return compare(self.reference, np.stack(outputs))
 
-
-def full_metrics(reference_model: onnx.ModelProto, model: onnx.ModelProto, feeds) -> dict:
-    """Fidelity of a whole model against the reference on `feeds`."""
-    return compare(run_outputs(reference_model, feeds), run_outputs(model, feeds))

@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import LmoptError
-from .onnxio import load_model, runtime_compatible
+from .onnxio import load_model, max_ir_version, runtime_compatible
 
 # Newest default-domain opset this onnx build knows; newer models cannot be checked or run here.
 MAX_KNOWN_OPSET = onnx.defs.onnx_opset_version()
@@ -27,9 +27,14 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
         name, _, dims = spec.rpartition(":")
         if not re.fullmatch(r"\d+(,\d+)*", dims.strip()):
             raise LmoptError(f"--input-shape {spec!r}: expected NAME:D1,D2,... with positive integers")
-        shapes[name] = [int(d) for d in dims.split(",")]
-        if 0 in shapes[name]:
+        new = [int(d) for d in dims.split(",")]
+        if 0 in new:
             raise LmoptError(f"--input-shape {spec!r}: dims must be positive")
+        # Fix: a second spec for the same input used to replace the first silently.
+        if name in shapes and shapes[name] != new:
+            raise LmoptError(f"--input-shape {spec!r} conflicts with an earlier --input-shape for the same input "
+                             f"({','.join(map(str, shapes[name]))})")
+        shapes[name] = new
     return shapes
 
 
@@ -50,7 +55,12 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
     if "" in shapes:  # a bare shape: only unambiguous with one input
         if len(inputs) != 1:
             raise LmoptError(f"--input-shape without a name is ambiguous: the model has inputs {names}")
-        shapes = {names[0]: shapes.pop("")} | shapes
+        bare = shapes.pop("")
+        # Fix: a bare shape and a named one for the same input used to be resolved silently.
+        if names[0] in shapes and shapes[names[0]] != bare:
+            raise LmoptError(f"--input-shape {','.join(map(str, bare))} conflicts with --input-shape "
+                             f"{names[0]}:{','.join(map(str, shapes[names[0]]))}")
+        shapes = {names[0]: bare} | shapes
     for name in shapes:
         if name not in names:
             raise LmoptError(f"--input-shape names {name!r}, but the model's inputs are {names}")
@@ -146,6 +156,8 @@ def fold_batchnorms(graph: gs.Graph) -> int:
     for bn in list(graph.nodes):
         if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
             continue
+        if bn.attrs.get("training_mode", 0):
+            continue  # Fix: batch statistics, not the running ones: folding them would be wrong
         conv = bn.inputs[0].inputs[0]
         if conv.op != "Conv" or len(bn.inputs[0].outputs) != 1 or bn.inputs[0] in graph.outputs:
             continue
@@ -186,7 +198,12 @@ def unique_node_names(graph: gs.Graph) -> None:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    # Fix (tests/test_loader.py::test_constant_subgraph_folded_at_new_ir_version): gs exports the
+    # graph at this IR version and runs onnxruntime to fold constants; a model written by a newer
+    # onnx (IR 14 with onnx 1.23) made ORT refuse it, and folding then silently did nothing.
+    graph.ir_version = min(model.ir_version or onnx.IR_VERSION, max_ir_version())
+    return graph
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:

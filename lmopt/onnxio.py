@@ -1,6 +1,7 @@
 """Reading and writing ONNX files: clear errors for bad files, atomic writes, an IR version ORT accepts."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -57,41 +58,45 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file in the same folder, then rename); large models get external data."""
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike):
+    """Yield a temp path beside `path`; on success it replaces `path`, on any failure it is removed,
+    so a reader never sees a half-written file and an existing file is never truncated."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    runtime_compatible(model)
-    large = model.ByteSize() > 1_900_000_000  # protobuf's 2 GiB limit, with room to spare
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if large:
-            data_name = path.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name)
-            # onnx wrote the data file beside tmp under its final name already
-        else:
-            onnx.save_model(model, tmp)
+        yield tmp
+        umask = os.umask(0)  # mkstemp makes 0600 files: give the mode a plain open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically, at an IR version the installed onnxruntime accepts; models past protobuf's
+    2 GiB limit get their weights in PATH.data beside them."""
+    path = Path(path)
+    runtime_compatible(model)
+    with atomic_target(path) as tmp:
+        if model.ByteSize() > 1_900_000_000:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data")
+        else:
+            onnx.save_model(model, tmp)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_target(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode())

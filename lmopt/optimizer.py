@@ -13,14 +13,14 @@ from .blocks import block_model
 from .calib import Preprocess, calibration_sets
 from .candidates import Candidate, enumerate_candidates, removed_activations, removed_branches
 from .errors import LmoptError
-from .importance import Scorer
+from .importance import SCORE_VERSION, Scorer, feeds_fingerprint
 from .latency.base import get_backend
 from .latency.cache import LatencyCache
 from .latency.profiler import make_table, profile_blocks, read_table
 from .latency.signature import model_fingerprint
 from .loader import canonicalise
 from .passes.apply import apply_candidates
-from .passes.merge import rewrite_block
+from .passes.merge import rewrite_block, rewrite_prefix
 from .select import METHODS, fastest, method_filter, select
 from .verify import compare, damage, op_table, run_outputs
 
@@ -110,30 +110,52 @@ class Study:
         else:
             self.runner = get_backend(backend, **(backend_options or {}))
             self.backend_key = self.runner.cache_key()
-        # Importance, and the block models to time, from one rewrite per candidate.
-        scorer = Scorer(model, cal_feeds, [p for chain in analysis.chains for p in chain.positions])
-        self.damage, blocks = {}, {}
+        # Importance, and the block models to time, from one rewrite per candidate. Scores and
+        # block signatures are cached by model (+ calibration data): a warm run rewrites nothing.
+        cache = LatencyCache(cache_path) if cache_path is not False else None
+        model_key = model_fingerprint(model)
+        score_prefix = f"{SCORE_VERSION}:{model_key}:{feeds_fingerprint(cal_feeds)}:"
+        scorer = None
+        self.damage, self.latency, blocks = {}, {}, {}
         for cand in tqdm(candidates, desc="scoring", unit="cand", disable=not progress, leave=False):
-            graph = candidate_graph(model, analysis, cand)
-            if table is None:
-                blocks[cand.key] = block_of(model, analysis, cand, graph)
-            if cand.is_original:
-                self.damage[cand.key] = 0.0
+            score = 0.0 if cand.is_original else (cache.get_score(score_prefix + cand.key) if cache else None)
+            if table is not None:
+                self.latency[cand.key] = table["blocks"][cand.key]["ms"]
+            elif cache:
+                signature = cache.get_signature(f"{model_key}:{cand.key}")
+                ms = cache.get(signature, self.backend_key) if signature else None
+                if ms is not None:
+                    self.latency[cand.key] = ms
+            if score is not None and cand.key in self.latency:
+                self.damage[cand.key] = score
                 continue
-            start = analysis.chains[cand.chain].positions[cand.start]
-            self.damage[cand.key] = max(0.0, damage(scorer.score(graph, start)))
+            graph = candidate_graph(model, analysis, cand)
+            if cand.key not in self.latency:
+                blocks[cand.key] = block_of(model, analysis, cand, graph)
+            if score is None:
+                if scorer is None:
+                    scorer = Scorer(model, cal_feeds, [p for chain in analysis.chains for p in chain.positions])
+                score = max(0.0, damage(scorer.score(graph, rewrite_prefix(cand))))
+                if cache:
+                    cache.put_score(score_prefix + cand.key, score)
+            self.damage[cand.key] = score
+        if blocks:
+            signatures: dict[str, str] = {}
+            self.latency.update(profile_blocks(blocks, self.runner, cache, progress=progress, signatures=signatures))
+            for key, signature in signatures.items():
+                if cache:
+                    cache.put_signature(f"{model_key}:{key}", signature)
         if table is None:
-            cache = LatencyCache(cache_path) if cache_path is not False else None
-            self.latency = profile_blocks(blocks, self.runner, cache, progress=progress)
             self.whole_ms = self.runner.measure(model)
         else:
-            self.latency = {c.key: table["blocks"][c.key]["ms"] for c in candidates}
             self.whole_ms = float(table["model_ms"])
         self.chain_lengths = {c.index: len(c) for c in analysis.chains}
         blocks_ms = sum(self.latency[c.key] for c in candidates if c.is_original)
-        # What no candidate changes (stem, pooling, head, runtime overhead); clamped, since runtime
-        # fusion can make the whole model faster than the sum of its blocks.
+        # What no candidate changes (pooling, reshapes, runtime overhead). Standalone blocks can
+        # add up to more than the whole model (per-run overhead, no cross-block fusion): then
+        # there is no fixed part and speed-ups are predicted as ratios of block sums.
         self.fixed_ms = max(0.0, self.whole_ms - blocks_ms)
+        self.estimate_ms = self.fixed_ms + blocks_ms
         self.seconds = time.perf_counter() - started
 
     def _check_table(self, table: dict, path: str, backend: str | None) -> None:
@@ -152,12 +174,12 @@ class Study:
         if not target or target < 1.0:
             raise LmoptError(f"--target must be at least 1 (a speed-up factor such as 1.5 or 2x), got {target}")
         candidates = [c for c in self.candidates if method_filter(method, c)]
-        budget = self.whole_ms / target - self.fixed_ms
+        budget = self.estimate_ms / target - self.fixed_ms
         chosen = select(self.chain_lengths, candidates, self.latency, self.damage, budget)
         target_met = chosen is not None
         if chosen is None:
             best_blocks = fastest(self.chain_lengths, candidates, self.latency)
-            best_speedup = self.whole_ms / (self.fixed_ms + best_blocks)
+            best_speedup = self.estimate_ms / (self.fixed_ms + best_blocks)
             log(f"lmopt: target {target:g}x is out of reach with {method}: the best achievable is about "
                 f"{best_speedup:.2f}x; using that")
             chosen = select(self.chain_lengths, candidates, self.latency, self.damage, best_blocks * 1.002)
@@ -166,8 +188,8 @@ class Study:
         optimized = apply_candidates(self.model, self.analysis, changes)
         onnx.checker.check_model(optimized)
         fidelity = compare(run_outputs(self.model, self.eval_feeds), run_outputs(optimized, self.eval_feeds))
-        predicted_ms = self.fixed_ms + planned_ms
-        predicted = self.whole_ms / predicted_ms
+        predicted = self.estimate_ms / (self.fixed_ms + planned_ms)
+        predicted_ms = self.whole_ms / predicted
         measured_ms = measured = None
         if self.runner is not None and measure:
             measured_ms = self.runner.measure_interleaved([self.model, optimized])

@@ -60,11 +60,22 @@ def _backtrack(chain_len: int, cands: list[Candidate], choice, cost: dict, t: in
 
 def select(chain_lengths: dict[int, int], candidates: list[Candidate], latency: dict[str, float],
            damage: dict[str, float], budget_ms: float, steps: int = 2000) -> tuple[list[Candidate], float] | None:
-    """Least-damage plan whose summed block latency fits `budget_ms`; None when nothing fits."""
+    """Least-damage plan whose summed block latency fits `budget_ms`; None when nothing fits.
+
+    The DP runs on latencies rounded *down* to multiples of budget/steps, so every plan that
+    really fits also fits on the grid: when the grid's best plan really fits, it is optimal. When
+    it does not (rounding hid its excess), the capacity shrinks by that excess and the DP
+    backtracks again. Fix (tests/test_select.py): latencies used to be rounded to nearest, which
+    let plans over the budget through (ten 1.0024 ms blocks "fit" 10 ms), missed the optimum
+    (three 2 ms blocks against 6 ms), and answered None although a plan fits (thirteen 1 ms blocks
+    against 13.026 ms, as the optimizer's out-of-reach fallback asks). Now the returned plan's real
+    latency always fits, and None means that no plan fits at all (the budget is below `fastest`)."""
     if budget_ms <= 0:
         return None
+    limit = budget_ms * (1 + 1e-9)  # float sums of the same latencies may differ in the last bits
     quantum = budget_ms / steps
-    cost = {c.key: int(round(latency[c.key] / quantum)) for c in candidates}
+    # (+1e-6: 3.0 / 0.1 is 29.999999999999996, which is 30 steps)
+    cost = {c.key: max(0, int(math.floor(latency[c.key] / quantum + 1e-6))) for c in candidates}
     combined = np.zeros(steps + 1)
     tables = []
     for chain, length in sorted(chain_lengths.items()):
@@ -81,24 +92,47 @@ def select(chain_lengths: dict[int, int], candidates: list[Candidate], latency: 
             split[better] = t_chain
         tables.append((chain, length, cands, final, choice, split))
         combined = merged
-    if not np.isfinite(combined[steps]):
-        return None
-    plan, t = [], steps
-    for chain, length, cands, final, choice, split in reversed(tables):
-        t_chain = int(split[t])
-        plan = _backtrack(length, cands, choice, cost, t_chain) + plan
-        t -= t_chain
-    return plan, sum(latency[c.key] for c in plan)
+    capacity = steps
+    for _ in range(32):  # each round takes the whole excess off the capacity: one or two rounds in practice
+        if capacity < 0 or not np.isfinite(combined[capacity]):
+            break
+        plan, t = [], capacity
+        for chain, length, cands, final, choice, split in reversed(tables):
+            t_chain = int(split[t])
+            plan = _backtrack(length, cands, choice, cost, t_chain) + plan
+            t -= t_chain
+        total = sum(latency[c.key] for c in plan)
+        if total <= limit:
+            return plan, total
+        capacity -= max(1, math.ceil((total - budget_ms) / quantum))  # rounding hid this excess
+    # The grid found nothing that really fits: the least-latency plan does, if anything does.
+    plan = fastest_plan(chain_lengths, candidates, latency)
+    total = sum(latency[c.key] for c in plan) if plan is not None else math.inf
+    return (plan, total) if total <= limit else None
+
+
+def fastest_plan(chain_lengths: dict[int, int], candidates: list[Candidate],
+                 latency: dict[str, float]) -> list[Candidate] | None:
+    """A plan of least summed block latency (a shortest path per chain); None if a chain has no cover."""
+    plan: list[Candidate] = []
+    for chain, length in sorted(chain_lengths.items()):
+        best: list[float] = [0.0] + [math.inf] * length
+        back: list[Candidate | None] = [None] * (length + 1)
+        for j in range(1, length + 1):
+            for cand in candidates:
+                if cand.chain == chain and cand.end == j and best[cand.start] + latency[cand.key] < best[j]:
+                    best[j], back[j] = best[cand.start] + latency[cand.key], cand
+        if not math.isfinite(best[length]):
+            return None
+        path, j = [], length
+        while j > 0:
+            path.append(back[j])
+            j = back[j].start
+        plan += path[::-1]
+    return plan
 
 
 def fastest(chain_lengths: dict[int, int], candidates: list[Candidate], latency: dict[str, float]) -> float:
     """Least summed block latency any plan reaches (a shortest path per chain)."""
-    total = 0.0
-    for chain, length in chain_lengths.items():
-        best = [0.0] + [math.inf] * length
-        for j in range(1, length + 1):
-            for cand in candidates:
-                if cand.chain == chain and cand.end == j:
-                    best[j] = min(best[j], best[cand.start] + latency[cand.key])
-        total += best[length]
-    return total
+    plan = fastest_plan(chain_lengths, candidates, latency)
+    return math.inf if plan is None else sum(latency[c.key] for c in plan)

@@ -47,11 +47,14 @@ def session(model: onnx.ModelProto, threads: int | None = None) -> ort.Inference
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    copy = runtime_compatible(onnx.ModelProto.FromString(model.SerializeToString()))
+    ir_version = model.ir_version
+    runtime_compatible(model)  # only lowers the IR version field; restored below
     try:
-        return ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise LmoptError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    finally:
+        model.ir_version = ir_version
 
 
 def run_outputs(model_or_session, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -63,6 +66,18 @@ def run_outputs(model_or_session, feeds: list[dict[str, np.ndarray]]) -> list[np
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def is_probability(values: np.ndarray) -> bool:
+    """Outputs that are already softmax probabilities (as many exporters append a Softmax)."""
+    return bool(values.min() >= 0 and np.allclose(values.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def log_probabilities(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    if is_probability(values):
+        return np.log(np.clip(values, 1e-12, None))
+    return log_softmax(values)
 
 
 def is_classifier(reference: np.ndarray) -> bool:
@@ -80,8 +95,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "nrmse": float(np.sqrt((diff ** 2).mean() / max((reference.astype(np.float64) ** 2).mean(), 1e-30))),
     }
     if is_classifier(reference):
-        ref_logp = log_softmax(reference.astype(np.float64))
-        new_logp = log_softmax(candidate.astype(np.float64))
+        ref_logp, new_logp = log_probabilities(reference), log_probabilities(candidate)
         kl = (np.exp(ref_logp) * (ref_logp - new_logp)).sum(axis=-1)
         result["kl"] = float(kl.mean())
         result["top1_agreement"] = float((reference.argmax(-1) == candidate.argmax(-1)).mean())

@@ -1,6 +1,8 @@
 """`lmopt merge`: fold every run of linear layers that has no activation between them."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx_graphsurgeon as gs
 
 from ..analysis import analyse
@@ -42,6 +44,10 @@ def merge_model(model, allow_inexact: bool):
 
 
 def run(args) -> int:
+    # Fix (tests/test_cli.py::test_merge_refuses_to_overwrite_its_input): `-o` naming the input
+    # used to overwrite the user's model.
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise LmoptError("-o would overwrite the input model: choose another path")
     model, _ = load_canonical(args)
     merged, chosen, skipped = merge_model(model, args.allow_inexact)
     report = {"merged": chosen, "left_alone": skipped}

@@ -1,5 +1,9 @@
 """A persistent latency cache: (structural signature, backend cache_key) -> milliseconds.
 
+The same file keeps candidate importance scores (table `scores`, keyed by model, calibration data
+and candidate) and each candidate block's signature (table `block_signatures`), so that a warm
+`lmopt optimize` neither rebuilds, re-times nor re-scores anything.
+
 One sqlite file (stdlib sqlite3), by default $LMOPT_CACHE_DIR/latency.sqlite, else
 $XDG_CACHE_HOME/lmopt/latency.sqlite, else ~/.cache/lmopt/latency.sqlite. Every measurement
 is committed as soon as it is stored, so an interrupted profiling run keeps what it timed.
@@ -45,6 +49,12 @@ class LatencyCache:
                 "CREATE TABLE IF NOT EXISTS latency ("
                 " signature TEXT NOT NULL, backend TEXT NOT NULL, ms REAL NOT NULL, created REAL NOT NULL,"
                 " PRIMARY KEY (signature, backend))")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS scores ("
+                " key TEXT PRIMARY KEY, value REAL NOT NULL, created REAL NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS block_signatures ("
+                " key TEXT PRIMARY KEY, signature TEXT NOT NULL, created REAL NOT NULL)")
         except sqlite3.DatabaseError as exc:
             raise LmoptError(f"{self.path}: not a usable latency cache ({exc}); delete it or set "
                              "LMOPT_CACHE_DIR to another folder") from None
@@ -60,6 +70,24 @@ class LatencyCache:
         """Store one measurement, committed at once."""
         self._db.execute("INSERT OR REPLACE INTO latency (signature, backend, ms, created) VALUES (?, ?, ?, ?)",
                          (signature, key_text(cache_key), float(ms), time.time()))
+
+    def get_score(self, key: str) -> float | None:
+        row = self._db.execute("SELECT value FROM scores WHERE key = ?", (key,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def put_score(self, key: str, value: float) -> None:
+        """Store one importance score, committed at once."""
+        self._db.execute("INSERT OR REPLACE INTO scores (key, value, created) VALUES (?, ?, ?)",
+                         (key, float(value), time.time()))
+
+    def get_signature(self, key: str) -> str | None:
+        """The structural signature of a candidate block (key: model fingerprint + candidate)."""
+        row = self._db.execute("SELECT signature FROM block_signatures WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_signature(self, key: str, signature: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO block_signatures (key, signature, created) VALUES (?, ?, ?)",
+                         (key, signature, time.time()))
 
     def entries(self, cache_key: dict | None = None) -> dict[str, float]:
         """signature -> ms for one backend key (all keys' rows if None; later keys win)."""

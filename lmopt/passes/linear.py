@@ -337,10 +337,12 @@ def border_band(specs: list[ConvSpec]) -> tuple[tuple[int, ...], tuple[int, ...]
     """Per spatial dim, how many output positions at the begin / end may differ between the
     chain and its merged conv (0 where the chain is exact).
 
-    A position of conv k's output is wrong when it reads a padded or already-wrong position of
-    its input.  With B wrong (or padded) positions at the begin, outputs i with s*i - p_b < B + ...
-    i.e. ceil((B + p_b) / s) are wrong; the end obeys the same bound, ceil((E + p_e) / s),
-    whatever the floor of the output size does.  The first conv's own padding is exact.
+    An output of conv k is wrong when it reads a padded or already-wrong position of its input.
+    With B wrong positions at the begin of its input, output i is wrong iff s*i - p_b < B, so
+    ceil((B + p_b) / s) outputs are; the end obeys the same bound, ceil((E + p_e) / s), whatever
+    the floor in the output size does (tight when the last window ends exactly on the input's
+    end).  The first conv's own padding is exact (B = E = 0 after it).  Independent of the input
+    size; a band as large as the output means nothing is exact in that dim.
     """
     if not specs:
         return (), ()

@@ -114,6 +114,11 @@ class BlockBuilder:
         return chain_is_exact(specs)
 
 
+def rewrite_prefix(cand: Candidate) -> str:
+    """Name prefix of the nodes a rewrite creates (how scoring finds what changed)."""
+    return f"lmopt[{cand.key}]/"
+
+
 def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate) -> None:
     """Replace the producer of unit `end`'s pre-activation tensor by the merged block."""
     builder = BlockBuilder(graph, chain, cand)
@@ -122,27 +127,30 @@ def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate) -> None:
     x_in = tensors[chain.positions[cand.start]]
     target = tensors[chain.units[cand.end - 1].pre_act]
     dtype = target.dtype or np.float32
-    prefix = f"lmopt/{cand.key}"
+    prefix = rewrite_prefix(cand)
 
     skip_tensor = tensors[explicit.tensor] if explicit is not None else None
     target.inputs.clear()  # detaches the old producer; the old block becomes dead and is cleaned up
     if operator is ZERO or operator is None:
         source = skip_tensor if operator is ZERO else x_in
         if operator is None and skip_tensor is not None:
-            graph.nodes.append(gs.Node("Add", f"{prefix}/skip_add", {}, [x_in, skip_tensor], [target]))
+            graph.nodes.append(gs.Node("Add", f"{prefix}skip_add", {}, [x_in, skip_tensor], [target]))
         else:
-            graph.nodes.append(gs.Node("Identity", f"{prefix}/Identity", {}, [source], [target]))
+            graph.nodes.append(gs.Node("Identity", f"{prefix}Identity", {}, [source], [target]))
         return
-    value = target if skip_tensor is None else gs.Variable(f"{prefix}/out", dtype=dtype, shape=target.shape)
-    weight = gs.Constant(f"{prefix}/weight", operator.weight.astype(np.float32))
-    bias = gs.Constant(f"{prefix}/bias", operator.bias.astype(np.float32))
+    value = target if skip_tensor is None else gs.Variable(f"{prefix}out", dtype=dtype, shape=target.shape)
+    # Fix (tests/test_passes.py::test_merge_keeps_the_models_float_type): weights used to be written
+    # as float32 whatever the model's type, which made an fp16 model invalid. Keep the block's.
+    wdtype = constant_values(builder.nodes[chain.units[cand.start].layer].inputs[1]).dtype
+    weight = gs.Constant(f"{prefix}weight", operator.weight.astype(wdtype))
+    bias = gs.Constant(f"{prefix}bias", operator.bias.astype(wdtype))
     if isinstance(operator, ConvSpec):
-        graph.nodes.append(gs.Node("Conv", f"{prefix}/Conv", operator.onnx_attrs(), [x_in, weight, bias], [value]))
+        graph.nodes.append(gs.Node("Conv", f"{prefix}Conv", operator.onnx_attrs(), [x_in, weight, bias], [value]))
     elif len(x_in.shape) == 2:
-        graph.nodes.append(gs.Node("Gemm", f"{prefix}/Gemm", {}, [x_in, weight, bias], [value]))
+        graph.nodes.append(gs.Node("Gemm", f"{prefix}Gemm", {}, [x_in, weight, bias], [value]))
     else:
-        product = gs.Variable(f"{prefix}/matmul", dtype=dtype, shape=target.shape)
-        graph.nodes.append(gs.Node("MatMul", f"{prefix}/MatMul", {}, [x_in, weight], [product]))
-        graph.nodes.append(gs.Node("Add", f"{prefix}/bias_add", {}, [product, bias], [value]))
+        product = gs.Variable(f"{prefix}matmul", dtype=dtype, shape=target.shape)
+        graph.nodes.append(gs.Node("MatMul", f"{prefix}MatMul", {}, [x_in, weight], [product]))
+        graph.nodes.append(gs.Node("Add", f"{prefix}bias_add", {}, [product, bias], [value]))
     if skip_tensor is not None:
-        graph.nodes.append(gs.Node("Add", f"{prefix}/skip_add", {}, [value, skip_tensor], [target]))
+        graph.nodes.append(gs.Node("Add", f"{prefix}skip_add", {}, [value, skip_tensor], [target]))
