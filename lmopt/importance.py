@@ -55,6 +55,11 @@ class Scorer:
             cached.update(zip(missing, values[1:]))
         self.reference = np.stack(reference)
 
+    def values(self, names: list[str]) -> list[np.ndarray]:
+        """The original model's values of `names` over all calibration feeds (batch-concatenated)."""
+        self._fetch(names)
+        return [np.concatenate([cached[name] for cached in self.cached]) for name in names]
+
     def score(self, transformed: gs.Graph, changed_prefix: str) -> dict:
         """Fidelity metrics of the transformed graph against the original; only the part of the
         network the rewrite (nodes named `changed_prefix...`) can change is run."""

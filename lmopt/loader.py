@@ -156,8 +156,6 @@ def fold_batchnorms(graph: gs.Graph) -> int:
     for bn in list(graph.nodes):
         if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
             continue
-        if bn.attrs.get("training_mode", 0):
-            continue  # Fix: batch statistics, not the running ones: folding them would be wrong
         conv = bn.inputs[0].inputs[0]
         if conv.op != "Conv" or len(bn.inputs[0].outputs) != 1 or bn.inputs[0] in graph.outputs:
             continue

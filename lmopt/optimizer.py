@@ -20,7 +20,9 @@ from .latency.profiler import make_table, profile_blocks, read_table
 from .latency.signature import model_fingerprint
 from .loader import canonicalise
 from .passes.apply import apply_candidates
-from .passes.merge import rewrite_block, rewrite_prefix
+from .passes.linear import ConvSpec
+from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
+from .passes.refit import refit_conv, refit_dense
 from .select import METHODS, fastest, method_filter, select
 from .verify import compare, damage, op_table, run_outputs
 
@@ -35,10 +37,10 @@ class Prepared:
     blocks: dict[str, onnx.ModelProto] = field(default_factory=dict)
 
 
-def candidate_graph(model: onnx.ModelProto, analysis: Analysis, cand: Candidate) -> gs.Graph:
+def candidate_graph(model: onnx.ModelProto, analysis: Analysis, cand: Candidate, operator=None) -> gs.Graph:
     graph = gs.import_onnx(model)
     if not cand.is_original:
-        rewrite_block(graph, analysis.chains[cand.chain], cand)
+        rewrite_block(graph, analysis.chains[cand.chain], cand, operator)
     return graph
 
 
@@ -57,16 +59,13 @@ def prepare(source, input_shapes=None, max_kernel: int = 7, method: str = "layer
     return Prepared(model, steps, analysis, candidates)
 
 
-def profile_prepared(prepared: Prepared, backend, cache, progress: bool) -> tuple[dict, dict, float]:
-    """(block latency ms, signatures, whole-model ms) on `backend`."""
-    blocks = {}
-    for cand in tqdm(prepared.candidates, desc="building blocks", unit="cand", disable=not progress, leave=False):
-        graph = candidate_graph(prepared.model, prepared.analysis, cand)
-        blocks[cand.key] = block_of(prepared.model, prepared.analysis, cand, graph)
+def time_blocks(runner, model: onnx.ModelProto, blocks: dict, cache, progress: bool) -> tuple[dict, dict, float]:
+    """(block latency ms, block signatures, whole-model ms) on `runner`. The whole model is timed
+    before and after the blocks and the lower median kept: load from elsewhere only adds time."""
+    before = runner.measure(model)
     signatures: dict[str, str] = {}
-    latency = profile_blocks(blocks, backend, cache, progress=progress, signatures=signatures)
-    whole = backend.measure(prepared.model)
-    return latency, signatures, whole
+    latency = profile_blocks(blocks, runner, cache, progress=progress, signatures=signatures) if blocks else {}
+    return latency, signatures, min(before, runner.measure(model))
 
 
 def profile_table(source, backend_name=None, input_shapes=None, max_kernel=7, cache_path=None,
@@ -75,7 +74,11 @@ def profile_table(source, backend_name=None, input_shapes=None, max_kernel=7, ca
     prepared = prepare(source, input_shapes, max_kernel)
     backend = get_backend(backend_name, **backend_options)
     cache = LatencyCache(cache_path) if cache_path is not False else None
-    latency, signatures, whole = profile_prepared(prepared, backend, cache, progress)
+    blocks = {}
+    for cand in tqdm(prepared.candidates, desc="building blocks", unit="cand", disable=not progress, leave=False):
+        graph = candidate_graph(prepared.model, prepared.analysis, cand)
+        blocks[cand.key] = block_of(prepared.model, prepared.analysis, cand, graph)
+    latency, signatures, whole = time_blocks(backend, prepared.model, blocks, cache, progress)
     table = make_table(prepared.model, backend.cache_key(), latency, signatures)
     table["model_ms"] = whole
     return table
@@ -88,7 +91,7 @@ class Study:
     def __init__(self, source, *, method: str = "layermerge", backend: str | None = None,
                  calib: str | None = None, preprocess: Preprocess | None = None, calib_count: int = 16,
                  eval_count: int = 16, input_shapes: dict | None = None, latency_table: str | None = None,
-                 max_kernel: int = 7, cache_path=None, progress: bool = True,
+                 max_kernel: int = 7, cache_path=None, progress: bool = True, refit: bool = True,
                  backend_options: dict | None = None, log=print):
         started = time.perf_counter()
         if method not in METHODS:
@@ -97,6 +100,7 @@ class Study:
         model, analysis, candidates = self.prepared.model, self.prepared.analysis, self.prepared.candidates
         self.model, self.analysis, self.candidates = model, analysis, candidates
         cal_feeds, self.eval_feeds, self.data_note = calibration_sets(model, calib, calib_count, eval_count, preprocess)
+        self.cal_feeds, self.refit, self._scorer, self._operators = cal_feeds, refit, None, {}
         log(f"lmopt: {len(analysis.chains)} chains, {len(candidates)} candidates ({method}); importance from {self.data_note}")
 
         table = read_table(latency_table) if latency_table else None
@@ -114,14 +118,14 @@ class Study:
         # block signatures are cached by model (+ calibration data): a warm run rewrites nothing.
         cache = LatencyCache(cache_path) if cache_path is not False else None
         model_key = model_fingerprint(model)
-        score_prefix = f"{SCORE_VERSION}:{model_key}:{feeds_fingerprint(cal_feeds)}:"
-        scorer = None
+        refit_note = "refit" if refit else "plain"
+        score_prefix = f"{SCORE_VERSION}:{refit_note}:{model_key}:{feeds_fingerprint(cal_feeds)}:"
         self.damage, self.latency, blocks = {}, {}, {}
         for cand in tqdm(candidates, desc="scoring", unit="cand", disable=not progress, leave=False):
-            score = 0.0 if cand.is_original else (cache.get_score(score_prefix + cand.key) if cache else None)
+            score = 0.0 if cand.is_original else (cache.get_score(score_prefix + cand.key) if cache is not None else None)
             if table is not None:
                 self.latency[cand.key] = table["blocks"][cand.key]["ms"]
-            elif cache:
+            elif cache is not None:
                 signature = cache.get_signature(f"{model_key}:{cand.key}")
                 ms = cache.get(signature, self.backend_key) if signature else None
                 if ms is not None:
@@ -129,24 +133,20 @@ class Study:
             if score is not None and cand.key in self.latency:
                 self.damage[cand.key] = score
                 continue
-            graph = candidate_graph(model, analysis, cand)
+            graph = candidate_graph(model, analysis, cand, self.operator_for(cand) if score is None else None)
             if cand.key not in self.latency:
                 blocks[cand.key] = block_of(model, analysis, cand, graph)
             if score is None:
-                if scorer is None:
-                    scorer = Scorer(model, cal_feeds, [p for chain in analysis.chains for p in chain.positions])
-                score = max(0.0, damage(scorer.score(graph, rewrite_prefix(cand))))
-                if cache:
+                score = max(0.0, damage(self.scorer.score(graph, rewrite_prefix(cand))))
+                if cache is not None:
                     cache.put_score(score_prefix + cand.key, score)
             self.damage[cand.key] = score
-        if blocks:
-            signatures: dict[str, str] = {}
-            self.latency.update(profile_blocks(blocks, self.runner, cache, progress=progress, signatures=signatures))
-            for key, signature in signatures.items():
-                if cache:
-                    cache.put_signature(f"{model_key}:{key}", signature)
         if table is None:
-            self.whole_ms = self.runner.measure(model)
+            timed, signatures, self.whole_ms = time_blocks(self.runner, model, blocks, cache, progress)
+            self.latency.update(timed)
+            for key, signature in signatures.items():
+                if cache is not None:
+                    cache.put_signature(f"{model_key}:{key}", signature)
         else:
             self.whole_ms = float(table["model_ms"])
         self.chain_lengths = {c.index: len(c) for c in analysis.chains}
@@ -157,6 +157,39 @@ class Study:
         self.fixed_ms = max(0.0, self.whole_ms - blocks_ms)
         self.estimate_ms = self.fixed_ms + blocks_ms
         self.seconds = time.perf_counter() - started
+
+    @property
+    def scorer(self) -> Scorer:
+        """Original activations on the calibration feeds (made on first use: a warm run may need
+        none, or only those of the blocks it refits)."""
+        if self._scorer is None:
+            positions = [p for chain in self.analysis.chains for p in chain.positions]
+            self._scorer = Scorer(self.model, self.cal_feeds, positions)
+        return self._scorer
+
+    def operator_for(self, cand: Candidate):
+        """The least-squares refit of a candidate's merged layer, or None to keep the composed
+        weights (refit off, an exact merge, an identity, or too large to solve)."""
+        if not self.refit or cand.is_original:
+            return None
+        if cand.key not in self._operators:
+            self._operators[cand.key] = self._refit(cand)
+        return self._operators[cand.key]
+
+    def _refit(self, cand: Candidate):
+        chain = self.analysis.chains[cand.chain]
+        builder = BlockBuilder(gs.import_onnx(self.model), chain, cand)
+        merged, explicit = builder.build()
+        if merged is None or merged is ZERO or builder.is_exact():
+            return None
+        names = [chain.positions[cand.start], chain.units[cand.end - 1].pre_act]
+        if explicit is not None:
+            names.append(explicit.tensor)
+        values = self.scorer.values(names)
+        target = values[1] - values[2] if explicit is not None else values[1]
+        if isinstance(merged, ConvSpec):
+            return refit_conv(merged, values[0], target)
+        return refit_dense(merged, values[0], target)
 
     def _check_table(self, table: dict, path: str, backend: str | None) -> None:
         if table["model_fingerprint"] != model_fingerprint(self.model):
@@ -185,7 +218,8 @@ class Study:
             chosen = select(self.chain_lengths, candidates, self.latency, self.damage, best_blocks * 1.002)
         plan, planned_ms = chosen
         changes = [c for c in plan if not c.is_original]
-        optimized = apply_candidates(self.model, self.analysis, changes)
+        optimized = apply_candidates(self.model, self.analysis, changes,
+                                     {c.key: self.operator_for(c) for c in changes})
         onnx.checker.check_model(optimized)
         fidelity = compare(run_outputs(self.model, self.eval_feeds), run_outputs(optimized, self.eval_feeds))
         predicted = self.estimate_ms / (self.fixed_ms + planned_ms)
@@ -208,6 +242,7 @@ class Study:
             "prediction_error": None if measured is None else (predicted - measured) / measured,
             "fidelity": fidelity,
             "importance_data": self.data_note,
+            "refit": self.refit,
             "candidates": len(candidates),
             "changes": [_describe(self.analysis, c, self.latency, self.damage) for c in changes],
             "before": op_table(self.model),
@@ -275,7 +310,8 @@ def format_report(report: dict) -> str:
     if "kl" in fid:
         text += f", top-1 agreement {100 * fid['top1_agreement']:.1f}%, KL {fid['kl']:.4f}"
     lines.append(text)
-    lines.append(f"  importance from {report['importance_data']}")
+    lines.append(f"  importance from {report['importance_data']}"
+                 + ("; merged layers refit by least squares on it" if report.get("refit") else ""))
     lines.append(f"  {len(report['changes'])} changes:")
     for change in report["changes"]:
         acts = f", activations removed: {', '.join(change['activations_removed'])}" if change["activations_removed"] else ""

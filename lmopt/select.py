@@ -58,33 +58,25 @@ def _backtrack(chain_len: int, cands: list[Candidate], choice, cost: dict, t: in
     return plan[::-1]
 
 
-def select(chain_lengths: dict[int, int], candidates: list[Candidate], latency: dict[str, float],
-           damage: dict[str, float], budget_ms: float, steps: int = 2000) -> tuple[list[Candidate], float] | None:
-    """Least-damage plan whose summed block latency fits `budget_ms`; None when nothing fits.
-
-    The DP runs on latencies rounded *down* to multiples of budget/steps, so every plan that
-    really fits also fits on the grid: when the grid's best plan really fits, it is optimal. When
-    it does not (rounding hid its excess), the capacity shrinks by that excess and the DP
-    backtracks again. Fix (tests/test_select.py): latencies used to be rounded to nearest, which
-    let plans over the budget through (ten 1.0024 ms blocks "fit" 10 ms), missed the optimum
-    (three 2 ms blocks against 6 ms), and answered None although a plan fits (thirteen 1 ms blocks
-    against 13.026 ms, as the optimizer's out-of-reach fallback asks). Now the returned plan's real
-    latency always fits, and None means that no plan fits at all (the budget is below `fastest`)."""
-    if budget_ms <= 0:
-        return None
-    limit = budget_ms * (1 + 1e-9)  # float sums of the same latencies may differ in the last bits
+def _grid_tables(chain_lengths: dict[int, int], candidates: list[Candidate], latency: dict[str, float],
+                 damage: dict[str, float], budget_ms: float, steps: int):
+    """The per-chain DP tables and their min-plus combination on a grid of budget/steps."""
     quantum = budget_ms / steps
-    # (+1e-6: 3.0 / 0.1 is 29.999999999999996, which is 30 steps)
+    # Rounded down (+1e-6: 3.0 / 0.1 is 29.999999999999996, which is 30 steps): every plan that
+    # really fits the budget also fits on the grid.
     cost = {c.key: max(0, int(math.floor(latency[c.key] / quantum + 1e-6))) for c in candidates}
     combined = np.zeros(steps + 1)
     tables = []
     for chain, length in sorted(chain_lengths.items()):
         cands = [c for c in candidates if c.chain == chain]
         final, choice = _chain_table(length, cands, cost, damage, steps)
-        # min-plus combination with the chains before: split[t] = latency given to this chain
+        # min-plus combination with the chains before: split[t] = latency given to this chain.
+        # `final` never increases with t, so only the t where it drops can be best.
         merged = np.full(steps + 1, np.inf)
         split = np.zeros(steps + 1, dtype=np.int64)
-        for t_chain in np.nonzero(np.isfinite(final))[0]:
+        finite = np.isfinite(final)
+        drops = np.nonzero(finite & ~np.concatenate(([False], final[1:] >= final[:-1])))[0]
+        for t_chain in drops:
             value = np.full(steps + 1, np.inf)
             value[t_chain:] = combined[: steps + 1 - t_chain] + final[t_chain]
             better = value < merged
@@ -92,20 +84,40 @@ def select(chain_lengths: dict[int, int], candidates: list[Candidate], latency: 
             split[better] = t_chain
         tables.append((chain, length, cands, final, choice, split))
         combined = merged
-    capacity = steps
-    for _ in range(32):  # each round takes the whole excess off the capacity: one or two rounds in practice
-        if capacity < 0 or not np.isfinite(combined[capacity]):
-            break
-        plan, t = [], capacity
-        for chain, length, cands, final, choice, split in reversed(tables):
-            t_chain = int(split[t])
-            plan = _backtrack(length, cands, choice, cost, t_chain) + plan
-            t -= t_chain
-        total = sum(latency[c.key] for c in plan)
-        if total <= limit:
-            return plan, total
-        capacity -= max(1, math.ceil((total - budget_ms) / quantum))  # rounding hid this excess
-    # The grid found nothing that really fits: the least-latency plan does, if anything does.
+    return tables, combined, cost, quantum
+
+
+def select(chain_lengths: dict[int, int], candidates: list[Candidate], latency: dict[str, float],
+           damage: dict[str, float], budget_ms: float, steps: int = 2000) -> tuple[list[Candidate], float] | None:
+    """Least-damage plan whose summed block latency fits `budget_ms`; None when nothing fits.
+
+    Fix (tests/test_select.py): latencies used to be rounded to the nearest multiple of
+    budget/steps, which let plans over the budget through (ten 1.0024 ms blocks "fit" 10 ms),
+    missed the optimum (three 2 ms blocks against 6 ms) and answered None although a plan fits
+    (thirteen 1 ms blocks against 13.026 ms, as the optimizer's out-of-reach fallback asks).
+    Now they are rounded down, so the grid holds every plan that really fits: when the grid's
+    best plan really fits, it is the optimum. When rounding hid its excess, a 16x finer grid is
+    tried; then the capacity shrinks by the excess; at last the least-latency plan is taken.
+    The returned plan always fits, and None means that no plan fits (budget below `fastest`)."""
+    if budget_ms <= 0:
+        return None
+    limit = budget_ms * (1 + 1e-9)  # float sums of the same latencies may differ in the last bits
+    for grid in (steps, steps * 16):
+        tables, combined, cost, quantum = _grid_tables(chain_lengths, candidates, latency, damage, budget_ms, grid)
+        capacity = grid
+        for _ in range(1 if grid == steps else 32):
+            if capacity < 0 or not np.isfinite(combined[capacity]):
+                break
+            plan, t = [], capacity
+            for chain, length, cands, final, choice, split in reversed(tables):
+                t_chain = int(split[t])
+                plan = _backtrack(length, cands, choice, cost, t_chain) + plan
+                t -= t_chain
+            total = sum(latency[c.key] for c in plan)
+            if total <= limit:
+                return plan, total
+            capacity -= max(1, math.ceil((total - budget_ms) / quantum))  # rounding hid this excess
+    # Nothing on the grids really fits: the least-latency plan does, if anything does.
     plan = fastest_plan(chain_lengths, candidates, latency)
     total = sum(latency[c.key] for c in plan) if plan is not None else math.inf
     return (plan, total) if total <= limit else None

@@ -290,3 +290,45 @@ def test_dynamic_weight_is_reported_unsupported():
     model.ir_version = 8
     a = analyse(canonicalise(model)[0])
     assert a.chains == [] and any("dyn" in r and "weight" in r for r in a.unsupported)
+
+
+def mixed_model():
+    """conv 1x1 -> Relu -> MatMul -> Relu -> MatMul on the 4-D map (a Linear over the last axis)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="conv"), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "M1"], ["m1"], name="mm1"), helper.make_node("Relu", ["m1"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "M2"], ["y"], name="mm2")]
+    inits = [f32("W1", rng.standard_normal((4, 3, 1, 1))), f32("M1", rng.standard_normal((8, 6)) / 3),
+             f32("M2", rng.standard_normal((6, 5)) / 3)]
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_mixed_conv_dense_run_splits_into_chains():
+    """A Conv feeding MatMuls: the conv part and the dense part are separate chains, nothing is lost
+    (it used to keep the Conv alone, labelled "dense", and drop the MatMuls from every chain)."""
+    a = analyse(canonicalise(mixed_model())[0])
+    assert [(c.kind, [u.layer for u in c.units]) for c in a.chains] == [("conv", ["conv"]), ("dense", ["mm1", "mm2"])]
+    assert a.stops == {}
+    assert a.chains[1].units[0].act.kind == "relu"
+
+
+@pytest.mark.parametrize("node,inits,x_shape,needle", [
+    (helper.make_node("Conv", ["x", "W"], ["y"], auto_pad="SAME_UPPER", name="same"),
+     [("W", (3, 3, 3, 3))], [1, 3, 8, 8], "auto_pad"),
+    (helper.make_node("Gemm", ["x", "W"], ["y"], transA=1, name="gemmT"), [("W", (4, 5))], [4, 2], "transA"),
+    (helper.make_node("MatMul", ["x", "W"], ["y"], name="batched"), [("W", (2, 4, 4))], [2, 3, 4], "2-D"),
+], ids=["auto_pad", "transA", "3-D weight"])
+def test_linear_layers_lmopt_cannot_merge_are_reported(node, inits, x_shape, needle):
+    rng = np.random.default_rng(1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * len(x_shape))],
+                              [f32(n, rng.standard_normal(s)) for n, s in inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    a = analyse(canonicalise(model)[0])
+    assert a.chains == []
+    assert any(node.name in r and needle in r for r in a.unsupported), a.unsupported

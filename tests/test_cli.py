@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -23,8 +24,6 @@ from lmopt.onnxio import max_ir_version
 from lmopt.passes.activations import remove_activation
 from lmopt.passes.cleanup import finish
 from models import zoo
-
-import onnx_graphsurgeon as gs
 
 SIZE = 32
 
@@ -169,6 +168,16 @@ def test_nothing_to_merge(tmp_path, capfd):
     assert digest(path) == before
 
 
+def test_merge_refuses_to_overwrite_its_input(tmp_path, capfd):
+    path = write_zoo(tmp_path, "mobilenetv2_1.0")
+    before = digest(path)
+    code, out, err = call(["merge", path, "-o", tmp_path / "." / path.name], capfd)
+    assert_one_line_error(code, out, err, "overwrite")
+    code, out, err = call(["merge", path, "-o", tmp_path / "m.onnx", "--samples", "0"], capfd)
+    assert_one_line_error(code, out, err, "--samples")
+    assert digest(path) == before and not (tmp_path / "m.onnx").exists()
+
+
 # --------------------------------------------------------------------------- merge that works
 
 
@@ -240,7 +249,7 @@ def test_optimize_bad_arguments(tmp_path, capfd, args, needle):
     assert digest(path) == before and not out_path.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG lmopt/cli/__init__.py:33: argparse usage errors print the "
+@pytest.mark.xfail(strict=True, reason="BUG lmopt/cli/__init__.py:34 (parse_args): argparse usage errors print the "
                                        "multi-line usage before the error line")
 def test_unknown_backend_is_one_line(tmp_path, capfd):
     path = write_zoo(tmp_path)

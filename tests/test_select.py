@@ -113,16 +113,17 @@ def test_dp_matches_brute_force_on_grid_latencies(chain_lengths, seed):
     assert checked >= 3
 
 
+@pytest.mark.parametrize("steps", [2000, 50])
 @pytest.mark.parametrize("seed", range(6))
-def test_budget_respected_with_off_grid_latencies(seed):
-    """Latencies off the DP grid: whatever select returns fits the budget, and None only when no
-    plan fits."""
+def test_budget_respected_with_off_grid_latencies(seed, steps):
+    """Latencies off the DP grid: whatever select returns fits the budget, None only when no plan
+    fits, and with the default grid (2000 steps) the plan is the brute-force optimum."""
     rng = np.random.default_rng(100 + seed)
     chain_lengths = {0: 4, 1: 3}
     cands, latency, damage = synthetic(rng, chain_lengths, grid=False)
     floor = fastest(chain_lengths, cands, latency)
     for budget in np.linspace(floor * 0.9, floor * 2.5, 23):
-        result = select(chain_lengths, cands, latency, damage, float(budget), steps=50)
+        result = select(chain_lengths, cands, latency, damage, float(budget), steps=steps)
         best, _ = brute_force(chain_lengths, cands, latency, damage, budget)
         if best == math.inf:
             assert result is None
@@ -131,7 +132,10 @@ def test_budget_respected_with_off_grid_latencies(seed):
         plan, planned = result
         assert_is_plan(plan, chain_lengths)
         assert planned <= budget * (1 + 1e-9)
-        assert sum(damage[c.key] for c in plan) >= best - 1e-12  # never better than the optimum
+        got = sum(damage[c.key] for c in plan)
+        assert got >= best - 1e-12  # never better than the optimum: the plan is real
+        if steps == 2000:
+            assert got == pytest.approx(best, abs=1e-12)
 
 
 def test_rounding_cannot_push_a_plan_over_the_budget():

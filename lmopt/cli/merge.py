@@ -48,6 +48,8 @@ def run(args) -> int:
     # used to overwrite the user's model.
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise LmoptError("-o would overwrite the input model: choose another path")
+    if args.samples < 1:  # Fix: 0 used to end in a numpy error ("need at least one array to stack")
+        raise LmoptError("--samples must be at least 1")
     model, _ = load_canonical(args)
     merged, chosen, skipped = merge_model(model, args.allow_inexact)
     report = {"merged": chosen, "left_alone": skipped}

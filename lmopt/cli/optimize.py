@@ -55,6 +55,8 @@ def add_parser(subparsers):
     parser.add_argument("--mean", default="0.485,0.456,0.406", help="image preprocessing mean, on [0,1] pixels")
     parser.add_argument("--std", default="0.229,0.224,0.225", help="image preprocessing std")
     parser.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="image input layout")
+    parser.add_argument("--no-refit", action="store_true",
+                        help="keep the composed weights of merged layers (default: least-squares refit on calibration data)")
     parser.add_argument("--no-measure", action="store_true", help="skip the end-to-end measurement")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the report as JSON (to PATH, or stdout)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -76,7 +78,7 @@ def run(args) -> int:
         args.model, target, method=args.method, backend=args.backend, calib=args.calib, preprocess=prep,
         calib_count=args.calib_count, eval_count=args.eval_count, input_shapes=parse_input_shapes(args.input_shape),
         latency_table=args.latency_table, max_kernel=args.max_kernel, cache_path=False if args.no_cache else None,
-        measure=not args.no_measure, progress=not args.quiet, backend_options=backend_options(args),
+        measure=not args.no_measure, refit=not args.no_refit, progress=not args.quiet, backend_options=backend_options(args),
         log=(lambda *a: None) if quiet_json else print)
     save_model(model, output)
     report["output"] = str(output)

@@ -10,10 +10,13 @@ from .cleanup import finish
 from .merge import rewrite_block
 
 
-def apply_candidates(model: onnx.ModelProto, analysis: Analysis, candidates: list[Candidate]) -> onnx.ModelProto:
-    """Rewrite every non-original candidate; the rest of the graph is untouched."""
+def apply_candidates(model: onnx.ModelProto, analysis: Analysis, candidates: list[Candidate],
+                     operators: dict | None = None) -> onnx.ModelProto:
+    """Rewrite every non-original candidate (with refit weights from `operators`, by candidate
+    key, where given); the rest of the graph is untouched."""
     graph = gs.import_onnx(model)
+    operators = operators or {}
     for cand in candidates:
         if not cand.is_original:
-            rewrite_block(graph, analysis.chains[cand.chain], cand)
+            rewrite_block(graph, analysis.chains[cand.chain], cand, operators.get(cand.key))
     return finish(graph, like=model)

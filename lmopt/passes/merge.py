@@ -119,10 +119,12 @@ def rewrite_prefix(cand: Candidate) -> str:
     return f"lmopt[{cand.key}]/"
 
 
-def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate) -> None:
-    """Replace the producer of unit `end`'s pre-activation tensor by the merged block."""
+def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate, operator=None) -> None:
+    """Replace the producer of unit `end`'s pre-activation tensor by the merged block. `operator`
+    overrides the merged layer's weights (a least-squares refit of the same shape)."""
     builder = BlockBuilder(graph, chain, cand)
-    operator, explicit = builder.build()
+    merged, explicit = builder.build()
+    operator = merged if operator is None else operator
     tensors = builder.tensors
     x_in = tensors[chain.positions[cand.start]]
     target = tensors[chain.units[cand.end - 1].pre_act]

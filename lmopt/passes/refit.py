@@ -1,0 +1,64 @@
+"""Least-squares refit of a merged layer on calibration activations.
+
+Removing activations makes a block nonlinear-free, and the merged layer is then only the exact
+composition of the remaining linear layers. Refitting its weights (same shape: kernel, stride,
+padding, groups) so that it best reproduces the original block's output on calibration data
+recovers much of what the removed nonlinearities cost, with no training loop.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .linear import ConvSpec, DenseSpec
+
+MAX_COLUMNS = 2400    # unknowns per output (a Gram matrix of MAX_COLUMNS^2 doubles, ~46 MB)
+MAX_ROWS = 20000      # sampled output positions
+
+
+def _solve(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Ridge least squares with a bias column: returns (cols + 1, outputs)."""
+    x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    gram = x.T @ x
+    ridge = 1e-6 * np.trace(gram) / gram.shape[0] + 1e-12
+    return np.linalg.solve(gram + ridge * np.eye(gram.shape[0]), x.T @ y)
+
+
+def _rows(count: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(count, MAX_ROWS, replace=False)) if count > MAX_ROWS else np.arange(count)
+
+
+def refit_conv(spec: ConvSpec, x: np.ndarray, y: np.ndarray, seed: int = 0) -> ConvSpec | None:
+    """Weights of `spec`'s shape minimising ||conv(x) - y||^2 (x: N,C,H,W; y: N,Cout,Ho,Wo).
+    None when the problem is too large or not 2-D."""
+    if spec.ndim != 2 or spec.weight[0].size > MAX_COLUMNS:
+        return None
+    (pbh, pbw), (peh, pew) = spec.pads_begin, spec.pads_end
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pbh, peh), (pbw, pew)))
+    windows = sliding_window_view(padded, spec.extent, axis=(2, 3))
+    (sh, sw), (dh, dw) = spec.strides, spec.dilations
+    out_h, out_w = y.shape[2:]
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :out_h, :out_w]  # N, C, Ho, Wo, kh, kw
+    rows = _rows(x.shape[0] * out_h * out_w, np.random.default_rng(seed))
+    n, h, w = np.unravel_index(rows, (x.shape[0], out_h, out_w))
+    patches = windows[n, :, h, w]  # rows, C, kh, kw: only the sampled positions are gathered
+    targets = y.astype(np.float64)[n, :, h, w]  # rows, Cout
+    cin_g, cout_g = spec.weight.shape[1], spec.out_channels // spec.group
+    weight, bias = np.empty_like(spec.weight), np.empty_like(spec.bias)
+    for g in range(spec.group):
+        cols = patches[:, g * cin_g:(g + 1) * cin_g].reshape(len(rows), -1)
+        solution = _solve(cols, targets[:, g * cout_g:(g + 1) * cout_g])
+        weight[g * cout_g:(g + 1) * cout_g] = solution[:-1].T.reshape((cout_g,) + spec.weight.shape[1:])
+        bias[g * cout_g:(g + 1) * cout_g] = solution[-1]
+    return ConvSpec(weight, bias, spec.strides, spec.pads_begin, spec.pads_end, spec.dilations, spec.group)
+
+
+def refit_dense(spec: DenseSpec, x: np.ndarray, y: np.ndarray, seed: int = 0) -> DenseSpec | None:
+    """y ~ x W + b on the last axis (x: ..., in; y: ..., out)."""
+    if spec.weight.shape[0] > MAX_COLUMNS:
+        return None
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    y = y.reshape(-1, y.shape[-1]).astype(np.float64)
+    rows = _rows(x.shape[0], np.random.default_rng(seed))
+    solution = _solve(x[rows], y[rows])
+    return DenseSpec(solution[:-1], solution[-1])
