@@ -137,6 +137,10 @@ def linear_layer(node: gs.Node) -> tuple[bool, str | None]:
             return False, f"Conv {node.name}: input shape unknown"
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return False, f"Gemm {node.name}: transA=1 is not supported"
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+        bias = constant_values(node.inputs[2])
+        if bias.ndim == 2 and bias.shape[0] > 1:
+            return False, f"Gemm {node.name}: a bias with one row per batch row is not a layer bias"
     if node.op == "MatMul":
         weight = constant_values(node.inputs[1])
         if weight.ndim != 2:

@@ -216,6 +216,8 @@ class Study:
             log(f"lmopt: target {target:g}x is out of reach with {method}: the best achievable is about "
                 f"{best_speedup:.2f}x; using that")
             chosen = select(self.chain_lengths, candidates, self.latency, self.damage, best_blocks * 1.002)
+            if chosen is None:  # cannot happen: the fastest plan fits its own latency
+                raise LmoptError("internal error: the planner found no plan at the fastest latency")
         plan, planned_ms = chosen
         changes = [c for c in plan if not c.is_original]
         optimized = apply_candidates(self.model, self.analysis, changes,

@@ -249,8 +249,6 @@ def test_optimize_bad_arguments(tmp_path, capfd, args, needle):
     assert digest(path) == before and not out_path.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG lmopt/cli/__init__.py:34 (parse_args): argparse usage errors print the "
-                                       "multi-line usage before the error line")
 def test_unknown_backend_is_one_line(tmp_path, capfd):
     path = write_zoo(tmp_path)
     code, out, err = call(["optimize", path, "--target", "2", "--backend", "tpu-9000"], capfd)

@@ -12,15 +12,22 @@ from ..errors import LmoptError
 TOOLS = ["inspect", "merge", "profile", "optimize", "build"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (not argparse's usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lmopt",
         description="Latency-aware depth compression for ONNX models (LayerMerge).",
     )
     parser.add_argument("--version", action="version", version=f"lmopt {__version__}")
-    subparsers = parser.add_subparsers(dest="tool", metavar="TOOL")
+    subparsers = parser.add_subparsers(dest="tool", metavar="TOOL", parser_class=OneLineParser)
     subparsers.required = True
     for name in TOOLS:
         module = importlib.import_module(f"{__name__}.{name}")
