@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import LmoptError
-from .onnxio import load_model, max_ir_version, runtime_compatible
+from .onnxio import graph_inputs, load_model, max_ir_version, runtime_compatible
 
 # Newest default-domain opset this onnx build knows; newer models cannot be checked or run here.
 MAX_KNOWN_OPSET = onnx.defs.onnx_opset_version()
@@ -38,11 +38,6 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     return shapes
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {init.name for init in model.graph.initializer}
-    return [vi for vi in model.graph.input if vi.name not in initializers]
-
-
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
             for d in value_info.type.tensor_type.shape.dim]
@@ -50,7 +45,7 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
 
 def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
     """Make every graph input static, from `shapes` where given; a clear error where a dim stays dynamic."""
-    inputs = _graph_inputs(model)
+    inputs = graph_inputs(model)
     names = [vi.name for vi in inputs]
     if "" in shapes:  # a bare shape: only unambiguous with one input
         if len(inputs) != 1:

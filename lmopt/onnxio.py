@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import LmoptError
@@ -100,3 +101,48 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
+
+
+NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The model's real inputs (graph inputs that are not initializers)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in initializers]
+
+
+def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...]:
+    """The input's shape; LmoptError if any dimension is not a fixed positive number."""
+    dims = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if not (d.HasField("dim_value") and d.dim_value > 0):
+            raise LmoptError(f"input {value_info.name!r} has a dynamic dimension "
+                             f"{d.dim_param or '?'!r}: fix it with --input-shape")
+        dims.append(d.dim_value)
+    return tuple(dims)
+
+
+def input_dtype(value_info: onnx.ValueInfoProto):
+    elem = value_info.type.tensor_type.elem_type
+    if elem not in NP_TYPES:
+        raise LmoptError(f"input {value_info.name!r} has element type "
+                         f"{onnx.TensorProto.DataType.Name(elem)}, which lmopt does not feed")
+    return NP_TYPES[elem]
+
+
+def random_feed(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input (floats ~ N(0,1); integers 0, always a valid index)."""
+    feed = {}
+    for vi in graph_inputs(model):
+        dtype, shape = input_dtype(vi), static_shape(vi)
+        if np.issubdtype(dtype, np.floating):
+            feed[vi.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feed[vi.name] = np.zeros(shape, dtype=dtype)
+    return feed

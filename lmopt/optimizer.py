@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
@@ -29,12 +30,11 @@ from .verify import compare, damage, op_table, run_outputs
 
 @dataclass
 class Prepared:
-    """A canonical model with its analysis and candidate blocks as standalone models."""
+    """A canonical model with its analysis and candidate blocks."""
     model: onnx.ModelProto
     steps: dict
     analysis: Analysis
     candidates: list[Candidate]
-    blocks: dict[str, onnx.ModelProto] = field(default_factory=dict)
 
 
 def candidate_graph(model: onnx.ModelProto, analysis: Analysis, cand: Candidate, operator=None) -> gs.Graph:
@@ -59,6 +59,37 @@ def prepare(source, input_shapes=None, max_kernel: int = 7, method: str = "layer
     return Prepared(model, steps, analysis, candidates)
 
 
+def chain_models(model: onnx.ModelProto, analysis: Analysis) -> dict[str, onnx.ModelProto]:
+    """Each whole chain as one standalone model, keyed `chain:N`: what calibrates block boundaries."""
+    graph = gs.import_onnx(model)
+    return {f"chain:{c.index}": block_model(graph, c.positions[0], c.positions[-1], like=model) for c in analysis.chains}
+
+
+def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, latency: dict, chain_ms: dict) -> dict:
+    """Block latencies with the cost of their standalone boundaries taken out.
+
+    A block timed alone pays at its input and output what it does not pay inside the network
+    (layout reorders such as ONNX Runtime's NCHWc, TensorRT's reformats, per-run overhead). The
+    chain timed as one model shows how much: sum(original blocks) - chain = beta * sum of the
+    sizes of the chain's inner positions. Each block then gives back beta/2 * size at each inner
+    end, so any plan sums to (timed blocks - the boundaries it removes); the original plan sums
+    to the chain's own time."""
+    sizes = {t.name: int(np.prod(t.shape)) if t.shape else 0 for t in gs.import_onnx(model).tensors().values()}
+    corrected = dict(latency)
+    for chain in analysis.chains:
+        inner = [sizes.get(name, 0) for name in chain.positions[1:-1]]
+        original = sum(latency[f"c{chain.index}:{k - 1}-{k}"] for k in range(1, len(chain) + 1))
+        beta = max(0.0, (original - chain_ms[chain.index]) / sum(inner)) if sum(inner) else 0.0
+        for key in latency:
+            if not key.startswith(f"c{chain.index}:"):
+                continue
+            start, end = (int(v) for v in key.split(":")[1].split("/")[0].split("-"))
+            ends = [p for p in (start, end) if 0 < p < len(chain)]
+            give_back = beta / 2 * sum(sizes.get(chain.positions[p], 0) for p in ends)
+            corrected[key] = max(0.0, latency[key] - give_back)
+    return corrected
+
+
 def time_blocks(runner, model: onnx.ModelProto, blocks: dict, cache, progress: bool) -> tuple[dict, dict, float]:
     """(block latency ms, block signatures, whole-model ms) on `runner`. The whole model is timed
     before and after the blocks and the lower median kept: load from elsewhere only adds time."""
@@ -78,6 +109,7 @@ def profile_table(source, backend_name=None, input_shapes=None, max_kernel=7, ca
     for cand in tqdm(prepared.candidates, desc="building blocks", unit="cand", disable=not progress, leave=False):
         graph = candidate_graph(prepared.model, prepared.analysis, cand)
         blocks[cand.key] = block_of(prepared.model, prepared.analysis, cand, graph)
+    blocks.update(chain_models(prepared.model, prepared.analysis))
     latency, signatures, whole = time_blocks(backend, prepared.model, blocks, cache, progress)
     table = make_table(prepared.model, backend.cache_key(), latency, signatures)
     table["model_ms"] = whole
@@ -142,20 +174,23 @@ class Study:
                     cache.put_score(score_prefix + cand.key, score)
             self.damage[cand.key] = score
         if table is None:
+            blocks.update(chain_models(model, analysis))
             timed, signatures, self.whole_ms = time_blocks(self.runner, model, blocks, cache, progress)
             self.latency.update(timed)
             for key, signature in signatures.items():
-                if cache is not None:
+                if cache is not None and not key.startswith("chain:"):
                     cache.put_signature(f"{model_key}:{key}", signature)
         else:
             self.whole_ms = float(table["model_ms"])
+            self.latency.update({key: entry["ms"] for key, entry in table["blocks"].items() if key.startswith("chain:")})
         self.chain_lengths = {c.index: len(c) for c in analysis.chains}
-        blocks_ms = sum(self.latency[c.key] for c in candidates if c.is_original)
-        # What no candidate changes (pooling, reshapes, runtime overhead). Standalone blocks can
-        # add up to more than the whole model (per-run overhead, no cross-block fusion): then
-        # there is no fixed part and speed-ups are predicted as ratios of block sums.
-        self.fixed_ms = max(0.0, self.whole_ms - blocks_ms)
-        self.estimate_ms = self.fixed_ms + blocks_ms
+        self.chain_ms = {c.index: self.latency.pop(f"chain:{c.index}") for c in analysis.chains}
+        self.timed_latency = self.latency  # as measured, block by block
+        self.latency = boundary_corrected(model, analysis, self.timed_latency, self.chain_ms)
+        # What no candidate changes (pooling, reshapes, the head's glue); clamped at zero, as
+        # chains timed alone can add up to a little more than the whole model.
+        self.fixed_ms = max(0.0, self.whole_ms - sum(self.chain_ms.values()))
+        self.estimate_ms = self.fixed_ms + sum(self.latency[c.key] for c in candidates if c.is_original)
         self.seconds = time.perf_counter() - started
 
     @property
@@ -194,7 +229,8 @@ class Study:
     def _check_table(self, table: dict, path: str, backend: str | None) -> None:
         if table["model_fingerprint"] != model_fingerprint(self.model):
             raise LmoptError(f"{path} was profiled on another model (or other input shapes): re-run lmopt profile")
-        missing = [c.key for c in self.candidates if c.key not in table["blocks"]]
+        needed = [c.key for c in self.candidates] + [f"chain:{c.index}" for c in self.analysis.chains]
+        missing = [key for key in needed if key not in table["blocks"]]
         if missing or "model_ms" not in table:
             raise LmoptError(f"{path} lacks {len(missing)} of this run's blocks (profiled with other options?): re-run lmopt profile")
         if backend is not None and backend != table["backend"]["backend"]:

@@ -8,38 +8,17 @@ import onnx
 import onnxruntime as ort
 
 from .errors import LmoptError
-from .onnxio import runtime_compatible
-
-NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-            onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
-            onnx.TensorProto.INT32: np.int32}
-
+from .onnxio import graph_inputs, input_dtype, random_feed, runtime_compatible, static_shape
 
 def input_specs(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...], type]]:
-    initializers = {i.name for i in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        tensor_type = vi.type.tensor_type
-        shape = tuple(d.dim_value for d in tensor_type.shape.dim)
-        specs.append((vi.name, shape, NP_TYPES.get(tensor_type.elem_type, np.float32)))
-    return specs
+    """(name, static shape, numpy dtype) of each graph input."""
+    return [(vi.name, static_shape(vi), input_dtype(vi)) for vi in graph_inputs(model)]
 
 
 def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """`count` feeds of standard-normal data (float inputs) for a model with static shapes."""
+    """`count` random feeds (floats ~ N(0,1)) for a model with static shapes."""
     rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        feed = {}
-        for name, shape, dtype in input_specs(model):
-            if np.issubdtype(dtype, np.floating):
-                feed[name] = rng.standard_normal(shape).astype(dtype)
-            else:
-                feed[name] = rng.integers(0, 2, size=shape).astype(dtype)
-        feeds.append(feed)
-    return feeds
+    return [random_feed(model, rng) for _ in range(count)]
 
 
 def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:

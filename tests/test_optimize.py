@@ -48,6 +48,23 @@ def test_plans_respect_the_budget_and_give_a_valid_model(study, method):
     assert 0.0 <= fid["top1_agreement"] <= 1.0 and fid["kl"] >= 0.0
 
 
+def test_boundary_correction_keeps_plans_consistent_with_chain_timings(study):
+    for chain in study.analysis.chains:
+        length = len(chain)
+        originals = [f"c{chain.index}:{k - 1}-{k}" for k in range(1, length + 1)]
+        timed = sum(study.timed_latency[k] for k in originals)
+        corrected = sum(study.latency[k] for k in originals)
+        if timed > study.chain_ms[chain.index]:   # blocks alone cost more than the chain: boundaries
+            assert corrected == pytest.approx(study.chain_ms[chain.index], rel=1e-6)
+        else:
+            assert corrected == pytest.approx(timed)
+        for cand in study.candidates:
+            if cand.chain == chain.index:
+                assert study.latency[cand.key] <= study.timed_latency[cand.key] + 1e-12
+                if cand.start == 0 and cand.end == length:   # no inner boundary to give back
+                    assert study.latency[cand.key] == study.timed_latency[cand.key]
+
+
 def test_target_one_changes_nothing_and_outputs_are_identical(study):
     model, report = study.plan(1.0, "layermerge", measure=False)
     assert report["changes"] == []

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from ..errors import LmoptError
+from ..onnxio import graph_inputs, random_feed, static_shape  # noqa: F401  (re-exported for backends)
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -159,47 +160,9 @@ class LatencyBackend(abc.ABC):
 
 # --- helpers for backends ---------------------------------------------------------------------
 
-_NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
-}
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The model's real inputs (graph inputs that are not initializers)."""
-    initializers = {t.name for t in model.graph.initializer}
-    return [vi for vi in model.graph.input if vi.name not in initializers]
-
-
-def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...]:
-    """The input's shape; LmoptError if any dimension is not a fixed positive number."""
-    dims = []
-    for d in value_info.type.tensor_type.shape.dim:
-        if not (d.HasField("dim_value") and d.dim_value > 0):
-            raise LmoptError(f"input {value_info.name!r} has a dynamic dimension "
-                             f"{d.dim_param or '?'!r}: latency needs fixed input shapes")
-        dims.append(d.dim_value)
-    return tuple(dims)
-
-
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds for every input, from the model's input value_info (floats ~ N(0,1), ints 0)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for vi in graph_inputs(model):
-        elem = vi.type.tensor_type.elem_type
-        if elem not in _NP_TYPES:
-            raise LmoptError(f"input {vi.name!r} has element type "
-                             f"{onnx.TensorProto.DataType.Name(elem)}, which latency timing does not support")
-        np_type = _NP_TYPES[elem]
-        shape = static_shape(vi)
-        if np.issubdtype(np_type, np.floating):
-            feeds[vi.name] = rng.standard_normal(shape).astype(np_type)
-        else:  # indices, masks: zeros are always in range
-            feeds[vi.name] = np.zeros(shape, dtype=np_type)
-    return feeds
+    """Random feeds for every input of a block (see onnxio.random_feed)."""
+    return random_feed(model, np.random.default_rng(seed))
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -14,6 +14,9 @@ from .linear import ConvSpec, DenseSpec
 
 MAX_COLUMNS = 2400    # unknowns per output (a Gram matrix of MAX_COLUMNS^2 doubles, ~46 MB)
 MAX_ROWS = 20000      # sampled output positions
+# Fewer rows than this many per unknown and the fit would memorise the calibration data (and
+# the importance, measured on that data, would look perfect): no refit then.
+MIN_ROWS_PER_UNKNOWN = 8
 
 
 def _solve(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -39,6 +42,8 @@ def refit_conv(spec: ConvSpec, x: np.ndarray, y: np.ndarray, seed: int = 0) -> C
     (sh, sw), (dh, dw) = spec.strides, spec.dilations
     out_h, out_w = y.shape[2:]
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :out_h, :out_w]  # N, C, Ho, Wo, kh, kw
+    if x.shape[0] * out_h * out_w < MIN_ROWS_PER_UNKNOWN * (spec.weight[0].size + 1):
+        return None
     rows = _rows(x.shape[0] * out_h * out_w, np.random.default_rng(seed))
     n, h, w = np.unravel_index(rows, (x.shape[0], out_h, out_w))
     patches = windows[n, :, h, w]  # rows, C, kh, kw: only the sampled positions are gathered
@@ -59,6 +64,8 @@ def refit_dense(spec: DenseSpec, x: np.ndarray, y: np.ndarray, seed: int = 0) ->
         return None
     x = x.reshape(-1, x.shape[-1]).astype(np.float64)
     y = y.reshape(-1, y.shape[-1]).astype(np.float64)
+    if x.shape[0] < MIN_ROWS_PER_UNKNOWN * (x.shape[1] + 1):
+        return None
     rows = _rows(x.shape[0], np.random.default_rng(seed))
     solution = _solve(x[rows], y[rows])
     return DenseSpec(solution[:-1], solution[-1])
