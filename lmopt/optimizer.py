@@ -132,7 +132,11 @@ class Study:
         model, analysis, candidates = self.prepared.model, self.prepared.analysis, self.prepared.candidates
         self.model, self.analysis, self.candidates = model, analysis, candidates
         cal_feeds, self.eval_feeds, self.data_note = calibration_sets(model, calib, calib_count, eval_count, preprocess)
-        self.cal_feeds, self.refit, self._scorer, self._operators = cal_feeds, refit, None, {}
+        # With refit, half the calibration data fits merged layers and the other half scores
+        # them: scored on its own fitting data, a refit would look better than it is.
+        split = len(cal_feeds) // 2 if refit and len(cal_feeds) > 1 else 0
+        self.fit_feeds, self.score_feeds = cal_feeds[:split], cal_feeds[split:]
+        self.refit, self._scorers, self._operators = refit, {}, {}
         log(f"lmopt: {len(analysis.chains)} chains, {len(candidates)} candidates ({method}); importance from {self.data_note}")
 
         table = read_table(latency_table) if latency_table else None
@@ -169,7 +173,7 @@ class Study:
             if cand.key not in self.latency:
                 blocks[cand.key] = block_of(model, analysis, cand, graph)
             if score is None:
-                score = max(0.0, damage(self.scorer.score(graph, rewrite_prefix(cand))))
+                score = max(0.0, damage(self.scorer("score").score(graph, rewrite_prefix(cand))))
                 if cache is not None:
                     cache.put_score(score_prefix + cand.key, score)
             self.damage[cand.key] = score
@@ -193,19 +197,19 @@ class Study:
         self.estimate_ms = self.fixed_ms + sum(self.latency[c.key] for c in candidates if c.is_original)
         self.seconds = time.perf_counter() - started
 
-    @property
-    def scorer(self) -> Scorer:
-        """Original activations on the calibration feeds (made on first use: a warm run may need
-        none, or only those of the blocks it refits)."""
-        if self._scorer is None:
+    def scorer(self, role: str) -> Scorer:
+        """Original activations on the scoring ("score") or fitting ("fit") feeds, made on first
+        use: a warm run may need none, or only those of the blocks it refits."""
+        if role not in self._scorers:
             positions = [p for chain in self.analysis.chains for p in chain.positions]
-            self._scorer = Scorer(self.model, self.cal_feeds, positions)
-        return self._scorer
+            feeds = self.score_feeds if role == "score" else self.fit_feeds
+            self._scorers[role] = Scorer(self.model, feeds, positions)
+        return self._scorers[role]
 
     def operator_for(self, cand: Candidate):
         """The least-squares refit of a candidate's merged layer, or None to keep the composed
         weights (refit off, an exact merge, an identity, or too large to solve)."""
-        if not self.refit or cand.is_original:
+        if not self.refit or not self.fit_feeds or cand.is_original:
             return None
         if cand.key not in self._operators:
             self._operators[cand.key] = self._refit(cand)
@@ -220,7 +224,7 @@ class Study:
         names = [chain.positions[cand.start], chain.units[cand.end - 1].pre_act]
         if explicit is not None:
             names.append(explicit.tensor)
-        values = self.scorer.values(names)
+        values = self.scorer("fit").values(names)
         target = values[1] - values[2] if explicit is not None else values[1]
         if isinstance(merged, ConvSpec):
             return refit_conv(merged, values[0], target)

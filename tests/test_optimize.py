@@ -105,7 +105,7 @@ def test_warm_run_retimes_and_rescores_nothing(small_resnet, tmp_path, monkeypat
     calls["measure"] = 0
     warm = Study(small_resnet, **options)
     assert calls["measure"] == 2   # only the whole model, before and after the (empty) block set
-    assert warm._scorer is None    # nothing was re-scored
+    assert warm._scorers == {}     # nothing was re-scored
     assert cold > 2
 
 
