@@ -72,7 +72,7 @@ def main() -> int:
                           f"{len(linear.graph.node)} -> {len(merged.graph.node)} | {time.perf_counter() - started:.0f} |")
     if merge_rows:
         print("\n`lmopt merge` (exact merges only) on each model with its activations removed, vs that model:\n")
-        print("| model | runs merged | runs left alone (padding) | max rel. error | nodes | seconds |")
+        print("| model | runs merged exactly | maximal runs padding makes inexact (their exact parts are merged) | max rel. error | nodes | seconds |")
         print("|---|---|---|---|---|---|")
         print("\n".join(merge_rows))
     return 0

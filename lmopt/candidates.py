@@ -153,17 +153,26 @@ def enumerate_candidates(analysis: Analysis, graph: gs.Graph, *, max_kernel: int
     return result
 
 
-def merge_runs(analysis: Analysis, graph: gs.Graph) -> list[Candidate]:
-    """Maximal blocks with no activation inside: what `lmopt merge` folds (no pruning)."""
+def merge_runs(analysis: Analysis, graph: gs.Graph, exact_only: bool = False) -> list[Candidate]:
+    """Maximal blocks with no activation inside: what `lmopt merge` folds (no pruning). With
+    `exact_only`, each run is cut before every padded conv after its first layer, so that what
+    remains merges exactly (a padded later conv is what makes a merge differ at the borders)."""
+    nodes = {n.name: n for n in graph.nodes}
     outputs = {t.name for t in graph.outputs}
     consumers = {name: len(t.outputs) for name, t in graph.tensors().items()}
     runs = []
     for chain in analysis.chains:
         reach = position_reach(chain, outputs, consumers)
+
+        def padded(k: int) -> bool:
+            node = nodes[chain.units[k - 1].layer]
+            return node.op == "Conv" and any(node.attrs.get("pads", [0]))
+
         start = 0
         while start < len(chain):
             end = start + 1
             while (end < len(chain) and chain.units[end - 1].act is None
+                   and not (exact_only and padded(end + 1))
                    and block_is_valid(chain, start, end + 1, reach)):
                 end += 1
             if end - start > 1:

@@ -35,8 +35,13 @@ def merge_model(model, allow_inexact: bool):
     graph = gs.import_onnx(model)
     runs = merge_runs(analysis, graph)
     exact = {run.key: BlockBuilder(graph, analysis.chains[run.chain], run).is_exact() for run in runs}
-    chosen = [run for run in runs if exact[run.key] or allow_inexact]
-    skipped = [run for run in runs if run not in chosen]
+    skipped = [run for run in runs if not exact[run.key] and not allow_inexact]
+    chosen = [run for run in runs if run not in skipped]
+    if skipped:  # what can still merge exactly inside the runs left alone
+        inside = [r for r in merge_runs(analysis, graph, exact_only=True)
+                  if any(s.chain == r.chain and s.start <= r.start and r.end <= s.end for s in skipped)]
+        exact.update({r.key: BlockBuilder(graph, analysis.chains[r.chain], r).is_exact() for r in inside})
+        chosen += [r for r in inside if exact[r.key]]
     merged = apply_candidates(model, analysis, chosen) if chosen else model
     describe = lambda run: {"block": run.key, "layers": [u.layer for u in analysis.chains[run.chain].units[run.start:run.end]],
                             "exact": exact[run.key]}
