@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -402,9 +401,3 @@ def _unit_nodes(unit: Unit) -> list[str]:
         names.extend(unit.act.nodes)
     return names
 
-
-def layer_constants(graph: gs.Graph, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-    node = next(n for n in graph.nodes if n.name == name)
-    weight = constant_values(node.inputs[1])
-    bias = constant_values(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    return weight, bias

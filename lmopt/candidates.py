@@ -13,7 +13,7 @@ from itertools import combinations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .analysis import Analysis, Chain, Unit
+from .analysis import Analysis, Chain
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,3 @@ def merge_runs(analysis: Analysis, graph: gs.Graph, exact_only: bool = False) ->
             start = end
     return runs
 
-
-def unit_of(analysis: Analysis, cand: Candidate, k: int) -> Unit:
-    return analysis.chains[cand.chain].units[k - 1]

@@ -65,7 +65,8 @@ def chain_models(model: onnx.ModelProto, analysis: Analysis) -> dict[str, onnx.M
     return {f"chain:{c.index}": block_model(graph, c.positions[0], c.positions[-1], like=model) for c in analysis.chains}
 
 
-def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, latency: dict, chain_ms: dict) -> dict:
+def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: list[Candidate],
+                       latency: dict, chain_ms: dict) -> dict:
     """Block latencies with the cost of their standalone boundaries taken out.
 
     A block timed alone pays at its input and output what it does not pay inside the network
@@ -75,18 +76,16 @@ def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, latency: dict
     end, so any plan sums to (timed blocks - the boundaries it removes); the original plan sums
     to the chain's own time."""
     sizes = {t.name: int(np.prod(t.shape)) if t.shape else 0 for t in gs.import_onnx(model).tensors().values()}
-    corrected = dict(latency)
+    corrected = {}
     for chain in analysis.chains:
-        inner = [sizes.get(name, 0) for name in chain.positions[1:-1]]
-        original = sum(latency[f"c{chain.index}:{k - 1}-{k}"] for k in range(1, len(chain) + 1))
-        beta = max(0.0, (original - chain_ms[chain.index]) / sum(inner)) if sum(inner) else 0.0
-        for key in latency:
-            if not key.startswith(f"c{chain.index}:"):
-                continue
-            start, end = (int(v) for v in key.split(":")[1].split("/")[0].split("-"))
-            ends = [p for p in (start, end) if 0 < p < len(chain)]
+        mine = [c for c in candidates if c.chain == chain.index]
+        inner = sum(sizes.get(name, 0) for name in chain.positions[1:-1])
+        original = sum(latency[c.key] for c in mine if c.is_original)
+        beta = max(0.0, (original - chain_ms[chain.index]) / inner) if inner else 0.0
+        for cand in mine:
+            ends = [p for p in (cand.start, cand.end) if 0 < p < len(chain)]
             give_back = beta / 2 * sum(sizes.get(chain.positions[p], 0) for p in ends)
-            corrected[key] = max(0.0, latency[key] - give_back)
+            corrected[cand.key] = max(0.0, latency[cand.key] - give_back)
     return corrected
 
 
@@ -190,7 +189,7 @@ class Study:
         self.chain_lengths = {c.index: len(c) for c in analysis.chains}
         self.chain_ms = {c.index: self.latency.pop(f"chain:{c.index}") for c in analysis.chains}
         self.timed_latency = self.latency  # as measured, block by block
-        self.latency = boundary_corrected(model, analysis, self.timed_latency, self.chain_ms)
+        self.latency = boundary_corrected(model, analysis, candidates, self.timed_latency, self.chain_ms)
         # What no candidate changes (pooling, reshapes, the head's glue); clamped at zero, as
         # chains timed alone can add up to a little more than the whole model.
         self.fixed_ms = max(0.0, self.whole_ms - sum(self.chain_ms.values()))
