@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from .errors import LmoptError
-from .verify import input_specs, random_inputs
+from .verify import check_finite, input_specs, random_inputs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -121,19 +121,38 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
     return [{name: np.asarray(s, dtype=dtype).reshape(shape)} for s in samples]
 
 
-def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int, eval_count: int,
-                     prep: Preprocess | None = None) -> tuple[list, list, str]:
-    """(calibration feeds, held-out evaluation feeds, description). Random inputs without `calib`."""
+# Samples used when the user gives no count: real data is worth using; random inputs only show
+# the structure, and a few of them do that as well as many.
+DEFAULT_COUNT = 256
+DEFAULT_RANDOM_COUNT = 16
+
+
+def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int | None, eval_count: int | None,
+                     prep: Preprocess | None = None, eval_data: str | None = None) -> tuple[list, list, str]:
+    """(calibration feeds, evaluation feeds, description). With `eval_data` the evaluation feeds
+    come from there (data from other sources than the calibration data, as a fair check needs);
+    otherwise they are held out of `calib`. Random inputs without `calib`."""
+    default = DEFAULT_COUNT if calib is not None else DEFAULT_RANDOM_COUNT
+    count, eval_count = count or default, eval_count or default
     if calib is None:
         feeds = random_inputs(model, count + eval_count, seed=0)
-        return feeds[:count], feeds[count:], "random inputs (importance then reflects the structure only)"
-    feeds = load_calibration(calib, model, None, prep)
-    if len(feeds) < 2:
-        raise LmoptError(f"--calib {calib}: needs at least 2 samples (calibration and evaluation), found {len(feeds)}")
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(feeds))
-    n_eval = min(eval_count, len(feeds) // 2)
-    n_cal = min(count, len(feeds) - n_eval)
-    evals = [feeds[i] for i in order[:n_eval]]
-    cals = [feeds[i] for i in order[n_eval:n_eval + n_cal]]
-    return cals, evals, f"{len(cals)} calibration and {len(evals)} held-out samples from {calib}"
+        cals, evals = feeds[:count], feeds[count:]
+        note = "random inputs (importance then reflects the structure only)"
+    elif eval_data is not None:
+        cals = load_calibration(calib, model, count, prep)
+        evals = load_calibration(eval_data, model, eval_count, prep)
+        note = f"{len(cals)} calibration samples from {calib}; {len(evals)} evaluation samples from {eval_data}"
+    else:
+        feeds = load_calibration(calib, model, None, prep)
+        if len(feeds) < 2:
+            raise LmoptError(f"--calib {calib}: needs at least 2 samples (calibration and evaluation), found {len(feeds)}")
+        order = np.random.default_rng(0).permutation(len(feeds))
+        n_eval = min(eval_count, len(feeds) // 2)
+        n_cal = min(count, len(feeds) - n_eval)
+        evals = [feeds[i] for i in order[:n_eval]]
+        cals = [feeds[i] for i in order[n_eval:n_eval + n_cal]]
+        note = (f"{len(cals)} calibration and {len(evals)} held-out samples from {calib} "
+                "(give --eval DATA from other sources for a fair check)")
+    check_finite(cals, f"--calib {calib}" if calib else "random inputs")
+    check_finite(evals, f"--eval {eval_data}" if eval_data else f"--calib {calib}")
+    return cals, evals, note

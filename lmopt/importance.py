@@ -15,7 +15,7 @@ from .verify import compare, session
 
 
 # Bump when the damage measure changes, so cached scores of the old measure are not reused.
-SCORE_VERSION = "damage-v4"
+SCORE_VERSION = "damage-v5"
 
 
 def feeds_fingerprint(feeds: list[dict[str, np.ndarray]]) -> str:

@@ -24,6 +24,7 @@ from .passes.apply import apply_candidates
 from .passes.linear import ConvSpec
 from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
 from .passes.refit import refit_conv, refit_dense
+from .repair import repair as repair_model
 from .select import METHODS, fastest, method_filter, select
 from .verify import compare, damage, op_table, run_outputs
 
@@ -120,8 +121,10 @@ class Study:
     it plans for any target and method (the bench uses one study for all of them)."""
 
     def __init__(self, source, *, method: str = "layermerge", backend: str | None = None,
-                 calib: str | None = None, preprocess: Preprocess | None = None, calib_count: int = 16,
-                 eval_count: int = 16, input_shapes: dict | None = None, latency_table: str | None = None,
+                 calib: str | None = None, preprocess: Preprocess | None = None, calib_count: int | None = None,
+                 eval_count: int | None = None, eval_data: str | None = None, repair: bool = True,
+                 distill_minutes: float = 0.0,
+                 input_shapes: dict | None = None, latency_table: str | None = None,
                  max_kernel: int = 7, cache_path=None, progress: bool = True, refit: bool = True,
                  backend_options: dict | None = None, log=print):
         started = time.perf_counter()
@@ -130,12 +133,14 @@ class Study:
         self.prepared = prepare(source, input_shapes, max_kernel, method)
         model, analysis, candidates = self.prepared.model, self.prepared.analysis, self.prepared.candidates
         self.model, self.analysis, self.candidates = model, analysis, candidates
-        cal_feeds, self.eval_feeds, self.data_note = calibration_sets(model, calib, calib_count, eval_count, preprocess)
-        # With refit, half the calibration data fits merged layers and the other half scores
-        # them: scored on its own fitting data, a refit would look better than it is.
-        split = len(cal_feeds) // 2 if refit and len(cal_feeds) > 1 else 0
+        cal_feeds, self.eval_feeds, self.data_note = calibration_sets(model, calib, calib_count, eval_count, preprocess,
+                                                                      eval_data)
+        # Half the calibration data fits (refit, repair) and the other half scores candidates and
+        # checks repairs: scored on its own fitting data, a fit would look better than it is.
+        split = len(cal_feeds) // 2 if (refit or repair or distill_minutes) and len(cal_feeds) > 1 else 0
         self.fit_feeds, self.score_feeds = cal_feeds[:split], cal_feeds[split:]
-        self.refit, self._scorers, self._operators = refit, {}, {}
+        self.refit, self.repair, self._scorers, self._operators = refit, repair, {}, {}
+        self.distill_minutes, self.progress = distill_minutes, progress
         log(f"lmopt: {len(analysis.chains)} chains, {len(candidates)} candidates ({method}); importance from {self.data_note}")
 
         table = read_table(latency_table) if latency_table else None
@@ -239,32 +244,97 @@ class Study:
         if backend is not None and backend != table["backend"]["backend"]:
             raise LmoptError(f"{path} holds {table['backend']['backend']} latencies, not {backend}")
 
-    def plan(self, target: float, method: str = "layermerge", measure: bool = True,
+    def choose(self, target: float, candidates: list[Candidate], damage: dict, log=print):
+        """(plan, planned block ms, target met) of least summed `damage` within the target's budget;
+        the fastest plan when the target is out of reach."""
+        budget = self.estimate_ms / target - self.fixed_ms
+        ranking = tie_broken(candidates, self.latency, damage)
+        chosen = select(self.chain_lengths, candidates, self.latency, ranking, budget)
+        if chosen is not None:
+            return chosen[0], chosen[1], True
+        best_blocks = fastest(self.chain_lengths, candidates, self.latency)
+        log(f"lmopt: target {target:g}x is out of reach: the best achievable is about "
+            f"{self.estimate_ms / (self.fixed_ms + best_blocks):.2f}x; using that")
+        chosen = select(self.chain_lengths, candidates, self.latency, ranking, best_blocks * 1.002)
+        if chosen is None:  # cannot happen: the fastest plan fits its own latency
+            raise LmoptError("internal error: the planner found no plan at the fastest latency")
+        return chosen[0], chosen[1], False
+
+    def build(self, changes: list[Candidate]) -> tuple[onnx.ModelProto, list]:
+        """The canonical model with `changes` applied (refit weights where made), then repaired in context."""
+        optimized = apply_candidates(self.model, self.analysis, changes,
+                                     {c.key: self.operator_for(c) for c in changes})
+        if not (self.repair and changes):
+            return optimized, []
+        return repair_model(self.model, optimized, self.analysis, changes, self.fit_feeds, self.score_feeds)
+
+    def check_damage(self, model: onnx.ModelProto) -> float:
+        """Damage on the scoring half of the calibration data (never the evaluation data)."""
+        return damage(compare(self.scorer("score").reference, run_outputs(model, self.score_feeds)))
+
+    def rescored(self, changes: list[Candidate], damages: dict) -> dict:
+        """Damages with each chosen change's in-context cost: how much worse the plan is with it than
+        without it (unrepaired, for speed). A change only gets dearer: damages do not add up, and
+        what is harmless alone can hurt beside its neighbours."""
+        whole = self.check_damage(apply_candidates(self.model, self.analysis, changes,
+                                                   {c.key: self.operator_for(c) for c in changes}))
+        updated = dict(damages)
+        for cand in changes:
+            rest = [c for c in changes if c is not cand]
+            without = self.check_damage(apply_candidates(self.model, self.analysis, rest,
+                                                         {c.key: self.operator_for(c) for c in rest}))
+            updated[cand.key] = max(damages[cand.key], whole - without)
+        return updated
+
+    def plan(self, target: float, method: str = "layermerge", measure: bool = True, rounds: int = 2,
              log=print) -> tuple[onnx.ModelProto, dict]:
-        """The least-damage plan for `target` with `method`, applied, verified and measured."""
+        """The least-damage plan for `target` with `method`, applied, repaired, verified and measured.
+
+        With `rounds` > 0, the chosen changes are re-scored in the context of the plan and the plan
+        chosen again, while the damage on held-out calibration data keeps falling."""
         started = time.perf_counter()
         if not target or target < 1.0:
             raise LmoptError(f"--target must be at least 1 (a speed-up factor such as 1.5 or 2x), got {target}")
         candidates = [c for c in self.candidates if method_filter(method, c)]
-        budget = self.estimate_ms / target - self.fixed_ms
-        chosen = select(self.chain_lengths, candidates, self.latency, self.damage, budget)
-        target_met = chosen is not None
-        if chosen is None:
-            best_blocks = fastest(self.chain_lengths, candidates, self.latency)
-            best_speedup = self.estimate_ms / (self.fixed_ms + best_blocks)
-            log(f"lmopt: target {target:g}x is out of reach with {method}: the best achievable is about "
-                f"{best_speedup:.2f}x; using that")
-            chosen = select(self.chain_lengths, candidates, self.latency, self.damage, best_blocks * 1.002)
-            if chosen is None:  # cannot happen: the fastest plan fits its own latency
-                raise LmoptError("internal error: the planner found no plan at the fastest latency")
-        plan, planned_ms = chosen
-        changes = [c for c in plan if not c.is_original]
-        optimized = apply_candidates(self.model, self.analysis, changes,
-                                     {c.key: self.operator_for(c) for c in changes})
+        damages, history, best = dict(self.damage), [], None
+        for round_index in range(rounds + 1):
+            plan, planned_ms, target_met = self.choose(target, candidates, damages, log)
+            changes = [c for c in plan if not c.is_original]
+            optimized, repair_steps = self.build(changes)
+            check = self.check_damage(optimized)
+            history.append({"round": round_index, "changes": [c.key for c in changes], "check_damage": check,
+                            "predicted_speedup": self.estimate_ms / (self.fixed_ms + planned_ms)})
+            log(f"lmopt: round {round_index}: {len(changes)} changes, damage on held-out calibration data {check:.4f}")
+            if best is not None and check >= best[0]:
+                break
+            best = (check, plan, planned_ms, target_met, changes, optimized, repair_steps)
+            if round_index == rounds or not changes:
+                break
+            damages = self.rescored(changes, damages)
+        _, plan, planned_ms, target_met, changes, optimized, repair_steps = best
+        return self.verify(target, method, measure, started, candidates, changes, optimized, planned_ms,
+                           target_met, repair_steps, history)
+
+    def verify(self, target, method, measure, started, candidates, changes, optimized, planned_ms, target_met,
+               repair_steps, history) -> tuple[onnx.ModelProto, dict]:
+        """Distil if asked, check the model, measure fidelity on the evaluation data and speed: the report."""
+        reference = run_outputs(self.model, self.eval_feeds)
+        fidelity_unrepaired = None
+        if repair_steps:
+            fidelity_unrepaired = compare(reference, run_outputs(
+                apply_candidates(self.model, self.analysis, changes, {c.key: self.operator_for(c) for c in changes}),
+                self.eval_feeds))
+        distilled = None
+        if self.distill_minutes and changes:
+            from .distill import distill
+
+            fidelity_undistilled = compare(reference, run_outputs(optimized, self.eval_feeds))
+            features = [self.analysis.chains[c.chain].positions[c.end] for c in changes]
+            optimized, distilled = distill(self.model, optimized, features, self.fit_feeds, self.score_feeds,
+                                           self.distill_minutes, progress=self.progress)
         onnx.checker.check_model(optimized)
-        fidelity = compare(run_outputs(self.model, self.eval_feeds), run_outputs(optimized, self.eval_feeds))
+        fidelity = compare(reference, run_outputs(optimized, self.eval_feeds))
         predicted = self.estimate_ms / (self.fixed_ms + planned_ms)
-        predicted_ms = self.whole_ms / predicted
         measured_ms = measured = None
         if self.runner is not None and measure:
             measured_ms = self.runner.measure_interleaved([self.model, optimized])
@@ -276,12 +346,16 @@ class Study:
             "latency_source": self.latency_source,
             "target_met": target_met,
             "original_ms": self.whole_ms,
-            "predicted_ms": predicted_ms,
+            "predicted_ms": self.whole_ms / predicted,
             "predicted_speedup": predicted,
             "measured_ms": measured_ms,
             "measured_speedup": measured,
             "prediction_error": None if measured is None else (predicted - measured) / measured,
             "fidelity": fidelity,
+            "fidelity_unrepaired": fidelity_unrepaired,
+            "repair": [step.to_json() for step in repair_steps] if repair_steps else None,
+            "distill": None if distilled is None else {**distilled.to_json(), "fidelity_before": fidelity_undistilled},
+            "rounds": history,
             "importance_data": self.data_note,
             "refit": self.refit,
             "candidates": len(candidates),
@@ -294,16 +368,31 @@ class Study:
         return optimized, report
 
 
-def optimize(source, target: float = 2.0, *, method: str = "layermerge", measure: bool = True,
+def tie_broken(candidates: list[Candidate], latency: dict, damage: dict) -> dict:
+    """Damages with a tiny charge for each millisecond a candidate saves, so that among plans of equal
+    damage (free candidates, or a model whose outputs hardly move) the DP picks the one closest to
+    the target rather than an arbitrary faster one. The charge is far below any real difference."""
+    original = {(c.chain, c.start): latency[c.key] for c in candidates if c.is_original}
+    total_ms = sum(original.values()) or 1.0
+    charge = 1e-9 * (1.0 + max(damage.values(), default=0.0)) / total_ms
+    ranking = {}
+    for cand in candidates:
+        span_ms = sum(original.get((cand.chain, k), 0.0) for k in range(cand.start, cand.end))
+        ranking[cand.key] = damage[cand.key] + charge * max(0.0, span_ms - latency[cand.key])
+    return ranking
+
+
+def optimize(source, target: float = 2.0, *, method: str = "layermerge", measure: bool = True, rounds: int = 2,
              log=print, **options) -> tuple[onnx.ModelProto, dict]:
     """Compress `source` (path or ModelProto) to run about `target` times faster: (model, report).
 
-    Options: backend, calib, preprocess, calib_count, eval_count, input_shapes, latency_table,
-    max_kernel, cache_path (False: no cache), progress, backend_options (see Study)."""
+    Options: backend, calib, preprocess, calib_count, eval_data, eval_count, repair, distill_minutes,
+    input_shapes, latency_table, max_kernel, cache_path (False: no cache), progress, backend_options
+    (see Study); `rounds` of in-context re-scoring (see Study.plan)."""
     if not target or target < 1.0:
         raise LmoptError(f"--target must be at least 1 (a speed-up factor such as 1.5 or 2x), got {target}")
     study = Study(source, method=method, log=log, **options)
-    return study.plan(target, method, measure=measure, log=log)
+    return study.plan(target, method, measure=measure, rounds=rounds, log=log)
 
 
 def _same_machine(key: dict) -> bool:
@@ -331,6 +420,16 @@ def _describe(analysis: Analysis, cand: Candidate, latency: dict, damage: dict) 
     }
 
 
+def fidelity_text(fid: dict) -> str:
+    text = f"nrmse {fid['nrmse']:.4f}"
+    if "kl" in fid:
+        confident = ("n/a" if fid["confident_agreement"] is None else
+                     f"{100 * fid['confident_agreement']:.1f}% of {fid['confident_count']}")
+        text += (f", top-1 agreement {100 * fid['top1_agreement']:.1f}% (confident inputs {confident}), "
+                 f"top-5 {100 * fid['top5_contains']:.1f}%, KL {fid['kl']:.4f}")
+    return text
+
+
 def format_report(report: dict) -> str:
     from .verify import format_op_table
 
@@ -346,13 +445,19 @@ def format_report(report: dict) -> str:
                      f"= {report['measured_speedup']:.2f}x (prediction off by {100 * report['prediction_error']:+.1f}%)")
     else:
         lines.append("  measured speed-up: not measured here (latencies come from another device: measure there)")
-    fid = report["fidelity"]
-    text = f"  fidelity on held-out inputs: nrmse {fid['nrmse']:.4f}, max abs {fid['max_abs']:.4g}"
-    if "kl" in fid:
-        text += f", top-1 agreement {100 * fid['top1_agreement']:.1f}%, KL {fid['kl']:.4f}"
-    lines.append(text)
+    for label, fid in (("before repair", report.get("fidelity_unrepaired")), ("", report["fidelity"])):
+        if fid is not None:
+            lines.append(f"  fidelity on evaluation inputs{' ' + label if label else ''}: {fidelity_text(fid)}")
     lines.append(f"  importance from {report['importance_data']}"
                  + ("; merged layers refit by least squares on it" if report.get("refit") else ""))
+    if report.get("distill"):
+        info = report["distill"]
+        lines.append(f"  distilled {info['minutes']:.1f} min ({info['epochs']} epochs): "
+                     f"before, {fidelity_text(info['fidelity_before'])}")
+    if report.get("repair"):
+        kept = [step for step in report["repair"] if step["kept"] != "none"]
+        lines.append(f"  repair in context: {len(kept)} of {len(report['repair'])} layers refit "
+                     f"({', '.join(sorted(set(step['kept'] for step in kept))) or 'none kept'})")
     lines.append(f"  {len(report['changes'])} changes:")
     for change in report["changes"]:
         acts = f", activations removed: {', '.join(change['activations_removed'])}" if change["activations_removed"] else ""

@@ -76,14 +76,37 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     if is_classifier(reference):
         ref_logp, new_logp = log_probabilities(reference), log_probabilities(candidate)
         kl = (np.exp(ref_logp) * (ref_logp - new_logp)).sum(axis=-1)
+        agree = reference.argmax(-1) == candidate.argmax(-1)
+        confident = np.exp(ref_logp).max(axis=-1) >= 0.5
+        top5 = np.argsort(-candidate, axis=-1)[..., :5] == reference.argmax(-1)[..., None]
         result["kl"] = float(kl.mean())
-        result["top1_agreement"] = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+        result["top1_agreement"] = float(agree.mean())
+        result["top5_contains"] = float(top5.any(-1).mean())
+        # Agreement where the original is sure of its answer (top-1 probability >= 0.5): the
+        # answers a user relies on; ambiguous inputs flip on tiny changes.
+        result["confident_count"] = int(confident.sum())
+        result["confident_agreement"] = float(agree[confident].mean()) if confident.any() else None
+        result["samples"] = int(agree.size)
     return result
 
 
 def damage(metrics: dict) -> float:
-    """One number for how much a change hurts (lower is better): KL for classifiers, else NRMSE^2."""
-    return metrics["kl"] if "kl" in metrics else metrics["nrmse"] ** 2
+    """One number for how much a change hurts (lower is better), independent of the output's scale:
+    for classifiers KL plus the fraction of top-1 answers changed (KL alone calls everything free
+    when logits are tiny), else NRMSE^2. NaN or inf is an error, never a score."""
+    value = metrics["kl"] + 1.0 - metrics["top1_agreement"] if "kl" in metrics else metrics["nrmse"] ** 2
+    if not np.isfinite(value):
+        raise LmoptError("a fidelity score is NaN or inf: the model (or a rewrite of it) gives non-finite outputs "
+                         "on the calibration data")
+    return float(value)
+
+
+def check_finite(feeds: list[dict[str, np.ndarray]], what: str) -> None:
+    """Refuse data with NaN or inf: every score computed from it would be meaningless."""
+    for index, feed in enumerate(feeds):
+        for name, value in feed.items():
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise LmoptError(f"{what}: sample {index} ({name!r}) holds NaN or inf values")
 
 
 def op_table(model: onnx.ModelProto) -> dict:

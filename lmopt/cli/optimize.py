@@ -50,13 +50,26 @@ def add_parser(subparsers):
     add_backend_arguments(parser)
     parser.add_argument("--latency-table", help="plan from a table written by `lmopt profile` (e.g. on a Jetson)")
     parser.add_argument("--calib", help="folder of images or .npy/.npz arrays (default: random inputs)")
-    parser.add_argument("--calib-count", type=int, default=16, help="calibration samples used for importance (default 16)")
-    parser.add_argument("--eval-count", type=int, default=16, help="held-out samples for the fidelity figures (default 16)")
+    parser.add_argument("--calib-count", type=int, default=None,
+                        help="calibration samples used (default 256; 16 random inputs without --calib): "
+                             "half fit refits and repairs, half score them")
+    parser.add_argument("--eval", dest="eval_data", metavar="DATA",
+                        help="evaluation data from other sources than --calib (folder of images or .npy/.npz); "
+                             "default: a held-out part of --calib")
+    parser.add_argument("--eval-count", type=int, default=None,
+                        help="evaluation samples for the fidelity figures (default 256; 16 without --calib)")
     parser.add_argument("--mean", default="0.485,0.456,0.406", help="image preprocessing mean, on [0,1] pixels")
     parser.add_argument("--std", default="0.229,0.224,0.225", help="image preprocessing std")
     parser.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="image input layout")
     parser.add_argument("--no-refit", action="store_true",
                         help="keep the composed weights of merged layers (default: least-squares refit on calibration data)")
+    parser.add_argument("--no-repair", action="store_true",
+                        help="skip the closed-form repair in context after the plan is applied")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of re-scoring the chosen changes in the context of the plan (default 2; 0: off)")
+    parser.add_argument("--distill", action="store_true",
+                        help="label-free distillation from the original after repair (needs lmopt[torch])")
+    parser.add_argument("--distill-minutes", type=float, default=10.0, help="time bound of --distill (default 10)")
     parser.add_argument("--no-measure", action="store_true", help="skip the end-to-end measurement")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the report as JSON (to PATH, or stdout)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -67,7 +80,7 @@ def run(args) -> int:
     from ..optimizer import format_report, optimize
 
     target = parse_target(args.target)
-    if args.calib_count < 1 or args.eval_count < 1:
+    if (args.calib_count is not None and args.calib_count < 1) or (args.eval_count is not None and args.eval_count < 1):
         raise LmoptError("--calib-count and --eval-count must be at least 1")
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".lmopt.onnx")
     if output.resolve() == Path(args.model).resolve():
@@ -76,9 +89,10 @@ def run(args) -> int:
     quiet_json = args.json == "-"
     model, report = optimize(
         args.model, target, method=args.method, backend=args.backend, calib=args.calib, preprocess=prep,
-        calib_count=args.calib_count, eval_count=args.eval_count, input_shapes=parse_input_shapes(args.input_shape),
+        calib_count=args.calib_count, eval_count=args.eval_count, eval_data=args.eval_data,
+        repair=not args.no_repair, distill_minutes=args.distill_minutes if args.distill else 0.0, input_shapes=parse_input_shapes(args.input_shape),
         latency_table=args.latency_table, max_kernel=args.max_kernel, cache_path=False if args.no_cache else None,
-        measure=not args.no_measure, refit=not args.no_refit, progress=not args.quiet, backend_options=backend_options(args),
+        measure=not args.no_measure, rounds=args.rounds, refit=not args.no_refit, progress=not args.quiet, backend_options=backend_options(args),
         log=(lambda *a: None) if quiet_json else print)
     save_model(model, output)
     report["output"] = str(output)

@@ -1,0 +1,92 @@
+"""Natural images that ship inside PyPI packages, cut into crops for calibration and evaluation.
+
+Calibration and evaluation crops come from *different source images* (not different crops of one
+image), as the accuracy issue asks: a repair that memorised the calibration images cannot look good
+on the evaluation set. Sources: scikit-image's sample images (`skimage/data`, in the wheel),
+scikit-learn's two sample photos and matplotlib's sample photo. Install: pip install 'lmopt[bench]'.
+
+    python bench/image_data.py --size 224 --mean 0.5 --std 0.5 --out bench/out/lite0
+writes calib.npy (512 crops) and eval.npy (384 crops) as float32 N x 3 x size x size.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+# Split by source image. The motorcycle pair (a stereo pair of one scene) stays on one side.
+CALIB_SOURCES = ("skimage:astronaut.png", "skimage:coffee.png", "skimage:rocket.jpg", "skimage:motorcycle_left.png",
+                 "skimage:motorcycle_right.png", "skimage:brick.png", "skimage:grass.png", "skimage:camera.png",
+                 "skimage:coins.png", "skimage:hubble_deep_field.jpg", "skimage:ihc.png", "skimage:page.png")
+EVAL_SOURCES = ("skimage:chelsea.png", "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg",
+                "skimage:gravel.png", "skimage:retina.jpg", "skimage:moon.png", "skimage:color.png")
+FOLDERS = {"skimage": ("skimage", "data"), "sklearn": ("sklearn", "datasets/images"),
+           "matplotlib": ("matplotlib", "mpl-data/sample_data")}
+
+
+def source_path(source: str) -> Path:
+    package, filename = source.split(":")
+    module, folder = FOLDERS[package]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{source}: install {module} (pip install 'lmopt[bench]')")
+    return Path(spec.submodule_search_locations[0]) / folder / filename
+
+
+def load_image(source: str):
+    from PIL import Image
+
+    with Image.open(source_path(source)) as image:
+        return image.convert("RGB")
+
+
+def crops(image, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` random square crops (side 35-100% of the short side, random flip), resized to size."""
+    from PIL import Image
+
+    width, height = image.size
+    out = np.empty((count, size, size, 3), np.float32)
+    for i in range(count):
+        side = int(min(width, height) * rng.uniform(0.35, 1.0))
+        left, top = rng.integers(0, width - side + 1), rng.integers(0, height - side + 1)
+        crop = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        out[i] = np.asarray(crop, np.float32) / 255.0
+    return out
+
+
+def crop_set(sources: tuple[str, ...], total: int, size: int, mean, std, seed: int) -> np.ndarray:
+    """`total` crops spread evenly over `sources`, normalised, N x 3 x size x size."""
+    rng = np.random.default_rng(seed)
+    per = [total // len(sources) + (i < total % len(sources)) for i in range(len(sources))]
+    arrays = [crops(load_image(s), n, size, rng) for s, n in zip(sources, per)]
+    x = (np.concatenate(arrays) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def write_sets(out: Path, size: int, mean, std, calib_count: int = 512, eval_count: int = 384) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "calib.npy", out / "eval.npy"
+    np.save(paths[0], crop_set(CALIB_SOURCES, calib_count, size, mean, std, seed=1))
+    np.save(paths[1], crop_set(EVAL_SOURCES, eval_count, size, mean, std, seed=2))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--mean", type=float, nargs="+", default=[0.485, 0.456, 0.406])
+    parser.add_argument("--std", type=float, nargs="+", default=[0.229, 0.224, 0.225])
+    parser.add_argument("--calib-count", type=int, default=512)
+    parser.add_argument("--eval-count", type=int, default=384)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    for path in write_sets(args.out, args.size, args.mean, args.std, args.calib_count, args.eval_count):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
