@@ -2,7 +2,7 @@
 
 The engine is built with the same polygraphy loaders the trt latency backend uses
 (lmopt.latency.tensorrt.build_engine_bytes), written atomically, and timed as trtexec
-reports "GPU Compute Time" (CUDA events around each inference, CUDA graph when possible,
+reports "GPU Compute Time" (CUDA events around batches of inferences, CUDA graph when possible,
 median after warm-up). The equivalent trtexec command line is returned for the record.
 Engines are specific to the GPU and TensorRT version they were built with: build on the target.
 """
@@ -42,12 +42,14 @@ def require_tensorrt() -> None:
 def trtexec_command(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, fp16: bool = False,
                     workspace_mib: int | None = None, timing_cache: str | os.PathLike | None = None,
                     fp16_flag: bool = True) -> str:
-    """The trtexec command line equivalent to `lmopt build` (fp16_flag=False: TensorRT 11, precision in the ONNX)."""
+    """The trtexec command line equivalent to `lmopt build`.
+
+    fp16_flag=False: TensorRT 11, precision in the ONNX; its trtexec is always strongly typed
+    (--stronglyTyped is a deprecated no-op there).
+    """
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if fp16 and fp16_flag:
         args.append("--fp16")
-    if fp16 and not fp16_flag:
-        args.append("--stronglyTyped")
     if workspace_mib:
         args.append(f"--memPoolSize=workspace:{int(workspace_mib)}M")
     if timing_cache:

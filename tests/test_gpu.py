@@ -192,8 +192,10 @@ def test_trtexec_command_line():
     line = trtexec_command("m.onnx", "out dir/m.engine", fp16=True, workspace_mib=1024, timing_cache="t.cache")
     assert line == ("trtexec --onnx=m.onnx '--saveEngine=out dir/m.engine' --fp16 "
                     "--memPoolSize=workspace:1024M --timingCacheFile=t.cache")
-    # TensorRT 11: no --fp16; the fp16 model is the input and the network is strongly typed
-    assert "--fp16" not in trtexec_command("m16.onnx", "e", fp16=True, fp16_flag=False)
+    # TensorRT 11: no --fp16; the fp16 model is the input and the network is always strongly typed
+    # (--stronglyTyped is a deprecated no-op in TensorRT 11's trtexec)
+    line = trtexec_command("m16.onnx", "e", fp16=True, fp16_flag=False)
+    assert "--fp16" not in line and "--stronglyTyped" not in line
     assert trtexec_command("m.onnx", "e") == "trtexec --onnx=m.onnx --saveEngine=e"
 
 
@@ -297,7 +299,7 @@ def test_trt_build_options_on_tensorrt_10_fp16(fake_trt, tmp_path):
     plan, parsed = build_engine_bytes(model, "fp16", workspace_mib=64, timing_cache=tmp_path / "t.cache", fp16_io=True)
     assert plan == b"plan" and parsed is model  # precision by builder flag: the fp32 ONNX is parsed
     (net,) = _calls(log, "NetworkFromOnnxBytes")
-    assert net["strongly_typed"] is False
+    assert not net.get("strongly_typed")
     import onnx
     assert onnx.load_from_string(net["args"][0]).ir_version == 10
     assert _calls(log, "PostprocessNetwork")  # block I/O made half
@@ -318,10 +320,11 @@ def test_trt_build_options_on_tensorrt_11_fp16(fake_trt):
     assert all(t.data_type == TensorProto.FLOAT16 for t in parsed.graph.initializer)
     assert parsed.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     (net,) = _calls(log, "NetworkFromOnnxBytes")
-    assert net["strongly_typed"] is True
+    assert "strongly_typed" not in net  # deprecated in TensorRT 11, where every network is strongly typed
     assert not _calls(log, "PostprocessNetwork")
     (config,) = _calls(log, "CreateConfig")
     assert config["fp16"] is False  # BuilderFlag.FP16 no longer exists
+    assert config["tf32"] is True
 
 
 def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch):
@@ -375,6 +378,414 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
     monkeypatch.setattr(cudart, "Event", Event)
     session = lt.EngineSession(b"plan")
     assert session.graph is None and calls["addresses"] == {"x": 4096, "y": 8192}
-    assert session.run_timed(3) == [0.5, 0.5, 0.5] and calls["enqueue"] == 5
+    # one sample: 3 launches between one event pair (0.5 ms apart), plus one launch queued before the start event
+    assert session.run_timed(3) == [pytest.approx(0.5 / 3)] and calls["enqueue"] == 2 + 1 + 3
+    assert len(session.enqueue_ms) == 1
     session.close()
     assert calls["free"] == 2
+
+
+# --- TensorRT 11 and polygraphy ------------------------------------------------------------------
+
+def test_polygraphy_floor_per_tensorrt_major():
+    from lmopt.latency.tensorrt import polygraphy_status
+
+    assert polygraphy_status("10.3.0", "0.49.13") is None  # JetPack 6's TensorRT works with 0.49
+    assert polygraphy_status("11.1.0", "0.50.3") is None
+    reason = polygraphy_status("11.1.0", "0.49.27")
+    assert reason is not None and "polygraphy >= 0.50" in reason and "\n" not in reason
+
+
+def test_trt_status_rejects_old_polygraphy_on_tensorrt_11(fake_trt, monkeypatch):
+    import importlib.machinery
+    import sys
+
+    import polygraphy
+
+    from lmopt.latency import tensorrt as lt
+
+    fake_trt("11.1.0")
+    sys.modules["tensorrt"].__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    monkeypatch.setattr(polygraphy, "__version__", "0.49.27")
+    lt.trt_status.cache_clear()
+    try:
+        reason = lt.trt_status()
+    finally:
+        lt.trt_status.cache_clear()
+    assert "TensorRT 11.1.0 needs polygraphy >= 0.50" in reason
+
+
+def test_trt_build_attribute_error_from_old_polygraphy_is_one_line(fake_trt, monkeypatch):
+    import polygraphy.backend.trt as poly_trt
+
+    from lmopt.latency.tensorrt import build_engine_bytes
+
+    fake_trt("11.1.0")
+
+    def build(*args, **kwargs):
+        def loader():  # polygraphy 0.49's CreateConfig on TensorRT 11
+            raise AttributeError("'tensorrt.ILayer' object has no attribute 'precision_is_set'")
+        return loader
+
+    monkeypatch.setattr(poly_trt, "EngineBytesFromNetwork", build)
+    with pytest.raises(LmoptError) as info:
+        build_engine_bytes(tiny_conv_model(), "fp32")
+    message = str(info.value)
+    assert "\n" not in message and "precision_is_set" in message
+    assert "TensorRT 11.1.0" in message and "pip install -U polygraphy" in message
+
+
+def test_trt_build_follows_the_tf32_policy(fake_trt):
+    from lmopt.latency.tensorrt import build_engine_bytes
+
+    log = fake_trt("10.3.0")
+    build_engine_bytes(tiny_conv_model(), "fp32", tf32=False)
+    build_engine_bytes(tiny_conv_model(), "fp32")
+    assert [c["tf32"] for c in _calls(log, "CreateConfig")] == [False, True]
+
+
+# --- event timing: many launches between one event pair ------------------------------------------
+
+class SimulatedGpuSession:
+    """A stream on a simulated GPU: host calls take host time, kernels run in order on the GPU.
+
+    Each launch costs `enqueue_us` of host time and `gpu_us` of GPU time; an event record costs
+    `record_us` of host time and is stamped when the GPU reaches it.
+    """
+
+    def __init__(self, gpu_us, enqueue_us, record_us=1.0):
+        self.gpu_us, self.enqueue_us, self.record_us = gpu_us, enqueue_us, record_us
+        self.host = self.gpu_free = 0.0
+        self.stamps = [0.0, 0.0]
+
+    def clock(self):
+        return self.host * 1e-6
+
+    def _launch(self):
+        self.host += self.enqueue_us
+        self.gpu_free = max(self.gpu_free, self.host) + self.gpu_us
+
+    def _record(self, end):
+        self.host += self.record_us
+        self.stamps[end] = max(self.gpu_free, self.host)
+
+    def _elapsed_ms(self):
+        self.host = max(self.host, self.stamps[1])
+        return (self.stamps[1] - self.stamps[0]) / 1000.0
+
+
+def simulated(gpu_us, enqueue_us):
+    from lmopt.latency.base import EventTimedSession
+
+    class Session(SimulatedGpuSession, EventTimedSession):
+        clock = SimulatedGpuSession.clock
+
+    return Session(gpu_us, enqueue_us)
+
+
+def test_event_timing_of_a_small_block_has_no_idle_time():
+    # A 5 us block enqueued in 2 us: one event pair per launch would time 2 + 5 us of each
+    # (the GPU idles while the host enqueues); many launches between one pair time 5 us.
+    session = simulated(gpu_us=5.0, enqueue_us=2.0)
+    samples = [session.run_timed(10)[0] for _ in range(5)]
+    assert samples == [pytest.approx(0.005)] * 5
+    assert session.enqueue_ms == [pytest.approx(0.002)] * 5
+
+
+def test_enqueue_bound_blocks_are_flagged():
+    from lmopt.latency.base import enqueue_bound
+
+    fast = simulated(gpu_us=5.0, enqueue_us=2.0)
+    slow = simulated(gpu_us=5.0, enqueue_us=8.0)  # the host is slower than the GPU
+    fast_ms = [fast.run_timed(10)[0] for _ in range(3)]
+    slow_ms = [slow.run_timed(10)[0] for _ in range(3)]
+    assert not enqueue_bound(fast_ms, fast.enqueue_ms)
+    assert enqueue_bound(slow_ms, slow.enqueue_ms)
+    assert enqueue_bound([1.0], [0.81]) and not enqueue_bound([1.0], [0.8])  # trtexec's 0.8 threshold
+    assert not enqueue_bound([1.0], None)  # CPU sessions measure no enqueue time
+
+
+class SimulatedBackend:
+    """A LatencyBackend whose sessions run on the simulated GPU; the block's input width sets the GPU time."""
+
+    @staticmethod
+    def make(enqueue_us):
+        from lmopt.latency.base import LatencyBackend
+
+        class Backend(LatencyBackend):
+            name = "sim"
+
+            def cache_key(self):
+                return {"backend": "sim"}
+
+            def _open(self, model):
+                return simulated(float(model.graph.input[0].type.tensor_type.shape.dim[3].dim_value), enqueue_us)
+
+        return Backend(warmup_s=0.0, runs=5, min_time_s=0.0)
+
+
+def test_measure_reports_enqueue_bound_blocks(capsys):
+    from lmopt.latency import profile_blocks
+
+    def block(width):
+        return model_of([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, 1, 1, width])], ["y"])
+
+    backend = SimulatedBackend.make(enqueue_us=8.0)
+    assert backend.measure(block(20)) == pytest.approx(0.020) and not backend.last_enqueue_bound
+    # enqueue-bound: the host rate (8 us a launch), not the GPU time (5 us), is what the events see
+    assert backend.measure(block(5)) == pytest.approx(0.008, rel=0.05) and backend.last_enqueue_bound
+    assert backend.enqueue_bound == 1
+    result = profile_blocks({"small": block(5), "big": block(20), "small2": block(4)}, backend, progress=False)
+    assert result["big"] == pytest.approx(0.020)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 of 3 blocks timed on sim were enqueue-bound" in err[0]
+
+
+# --- libcudart ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_cudart():
+    from lmopt.latency import cudart
+
+    cudart.lib.cache_clear()
+    yield cudart
+    cudart.lib.cache_clear()
+
+
+def test_cudart_found_in_the_pip_wheel(fresh_cudart, tmp_path, monkeypatch):
+    import os
+    import sys
+    from types import SimpleNamespace as NS
+
+    import polygraphy.cuda as poly_cuda
+
+    site = tmp_path / "site-packages"
+    wheel_lib = site / "nvidia" / "cuda_runtime" / "lib"
+    wheel_lib.mkdir(parents=True)
+    (wheel_lib / "libcudart.so.12").write_bytes(b"")
+    (tmp_path / "other" / "nvidia" / "cuda_runtime" / "lib").mkdir(parents=True)  # no library inside
+    assert fresh_cudart.wheel_runtime_dirs([str(tmp_path / "other"), "", str(site)]) == [wheel_lib]
+
+    def wrapper():  # polygraphy's search: LD_LIBRARY_PATH, /usr/local/cuda/lib64, /usr/lib, /lib
+        if str(wheel_lib) not in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+            raise OSError("libcudart.so: cannot open shared object file: No such file or directory")
+        return NS(handle="cudart handle")
+
+    monkeypatch.setattr(poly_cuda, "wrapper", wrapper)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "other"), str(site)])
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/elsewhere")
+    assert fresh_cudart.lib() == "cudart handle"
+    assert os.environ["LD_LIBRARY_PATH"] == f"{wheel_lib}{os.pathsep}/opt/elsewhere"
+
+
+def test_cudart_without_any_runtime_still_raises(fresh_cudart, tmp_path, monkeypatch):
+    import sys
+
+    import polygraphy.cuda as poly_cuda
+
+    def wrapper():
+        raise OSError("libcudart.so: cannot open shared object file")
+
+    monkeypatch.setattr(poly_cuda, "wrapper", wrapper)
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    with pytest.raises(OSError):
+        fresh_cudart.lib()
+
+
+@pytest.mark.parametrize("symbol", ["cudaGetDeviceProperties_v2", "cudaGetDeviceProperties"])
+def test_device_name_with_either_properties_symbol(symbol, monkeypatch):
+    import ctypes
+    from types import SimpleNamespace as NS
+
+    from lmopt.latency import cudart
+
+    def get_properties(buffer, device):
+        ctypes.memmove(buffer, b"NVIDIA Fake GPU\0", 16)
+        return 0
+
+    monkeypatch.setattr(cudart, "lib", lambda: NS(**{symbol: get_properties}))  # a library exporting only one
+    assert cudart.device_name() == "NVIDIA Fake GPU"
+
+
+# --- onnxruntime-gpu options and the TF32 policy -----------------------------------------------------
+
+@pytest.fixture
+def fake_device(monkeypatch, tmp_path):
+    from lmopt.latency import cudart
+
+    monkeypatch.setattr(cudart, "device_name", lambda device=0: "NVIDIA Fake GPU")
+    monkeypatch.setenv("LMOPT_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def conv_named(prefix, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return model_of([helper.make_node("Conv", [prefix + "x", prefix + "w"], [prefix + "y"], pads=[1, 1, 1, 1])],
+                    [(prefix + "x", [1, 8, size, size])], [prefix + "y"],
+                    [init(prefix + "w", rng.standard_normal((8, 8, 3, 3)).astype(np.float32))])
+
+
+def test_ort_trt_engine_cache_per_block_structure(fake_device):
+    from lmopt.latency.ort_gpu import OrtTensorrtBackend
+
+    backend = OrtTensorrtBackend()
+    a = backend._provider_options(conv_named("a_"), 1234, False)
+    b = backend._provider_options(conv_named("b_", seed=1), 1234, False)  # same structure, other names/weights
+    c = backend._provider_options(conv_named("a_", size=32), 1234, False)  # same names, other shape
+    d = OrtTensorrtBackend(precision="fp16")._provider_options(conv_named("a_"), 1234, False)
+    engines = [o["trt_engine_cache_path"] for o in (a, b, c, d)]
+    assert engines[0] == engines[1] and len(set(engines)) == 3
+    assert all(str(fake_device / "ort-trt") in e for e in engines)
+    assert a["trt_timing_cache_path"] == c["trt_timing_cache_path"] == str(fake_device / "ort-trt")
+    assert a["user_compute_stream"] == "1234" and a["trt_fp16_enable"] is False and d["trt_fp16_enable"] is True
+    with pytest.raises(LmoptError, match="TF32"):
+        OrtTensorrtBackend(tf32=False)
+
+
+def test_ort_cuda_options_cuda_graph_tf32_and_stream(fake_device):
+    from lmopt.latency.ort_gpu import OrtCudaBackend
+
+    options = OrtCudaBackend()._provider_options(conv_named("a_"), 77, True)
+    assert options["enable_cuda_graph"] == "1" and options["use_tf32"] == "1"
+    assert options["user_compute_stream"] == "77" and options["has_user_compute_stream"] == "1"
+    plain = OrtCudaBackend(tf32=False)._provider_options(conv_named("a_"), 77, False)
+    assert plain["enable_cuda_graph"] == "0" and plain["use_tf32"] == "0"
+    assert OrtCudaBackend().cache_key()["cuda_graph"] is True
+    assert OrtCudaBackend(use_cuda_graph=False).cache_key()["cuda_graph"] is False
+
+
+def test_ort_output_specs_for_preallocated_outputs():
+    from lmopt.latency.ort_gpu import output_specs
+
+    assert output_specs(conv_named("a_")) == [("a_y", (1, 8, 16, 16), np.float32)]
+    dynamic = conv_named("a_")
+    dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    assert output_specs(dynamic) is None  # no fixed output buffer: no CUDA graph
+
+
+@pytest.fixture
+def fake_ort_gpu(monkeypatch):
+    """onnxruntime-gpu on a fake GPU: records sessions; refuses CUDA graphs when asked to."""
+    from types import SimpleNamespace as NS
+
+    import polygraphy.cuda as poly_cuda
+
+    from lmopt.latency import cudart
+
+    state = {"refuse_graph": False, "take_stream": True, "sessions": [], "runs": 0}
+
+    class Binding:
+        def __getattr__(self, name):  # bind_ortvalue_input, bind_ortvalue_output, bind_output
+            return lambda *args: None
+
+    class InferenceSession:
+        def __init__(self, data, options, providers):
+            (self.provider, self.options), = providers
+            if state["refuse_graph"] and self.options.get("enable_cuda_graph") == "1":
+                raise RuntimeError("This session cannot use the CUDA Graph feature as requested by the user")
+            state["sessions"].append(self.options)
+
+        def get_providers(self):
+            return [self.provider, "CPUExecutionProvider"]
+
+        def get_provider_options(self):
+            stream = self.options["user_compute_stream"] if state["take_stream"] else "0"
+            return {self.provider: {"user_compute_stream": stream}}
+
+        def io_binding(self):
+            return Binding()
+
+        def get_outputs(self):
+            return []
+
+        def run_with_iobinding(self, binding, run_options=None):
+            assert run_options.get_run_config_entry("disable_synchronize_execution_providers") == "1"
+            state["runs"] += 1
+
+    monkeypatch.setattr(ort, "InferenceSession", InferenceSession)
+    monkeypatch.setattr(ort, "OrtValue", NS(ortvalue_from_numpy=lambda *a: object(),
+                                             ortvalue_from_shape_and_type=lambda *a: object()))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(cudart, "lib", lambda: None)
+    monkeypatch.setattr(poly_cuda, "Stream", lambda: NS(ptr=4242, synchronize=lambda: None, free=lambda: None))
+
+    class Event:
+        def record(self, stream):
+            assert stream == 4242  # events on the stream onnxruntime runs on
+
+        def synchronize(self): pass
+        def elapsed_ms(self, start): return 1.0
+        def destroy(self): pass
+
+    monkeypatch.setattr(cudart, "Event", Event)
+    return state
+
+
+def test_ort_cuda_falls_back_to_plain_runs_when_no_cuda_graph(fake_ort_gpu, fake_device):
+    from lmopt.latency.ort_gpu import OrtCudaBackend
+
+    backend = OrtCudaBackend(warmup_s=0.0, runs=3, min_time_s=0.0)
+    assert backend.measure(conv_named("a_")) == pytest.approx(0.1)  # 1 ms between the events / 10 runs
+    assert [s["enable_cuda_graph"] for s in fake_ort_gpu["sessions"]] == ["1"]
+    fake_ort_gpu["refuse_graph"] = True
+    backend.measure(conv_named("a_"))
+    assert [s["enable_cuda_graph"] for s in fake_ort_gpu["sessions"]] == ["1", "0"]
+
+
+def test_ort_gpu_refuses_to_time_on_another_stream(fake_ort_gpu, fake_device):
+    from lmopt.latency.ort_gpu import OrtCudaBackend
+
+    fake_ort_gpu["take_stream"] = False
+    with pytest.raises(LmoptError) as info:
+        OrtCudaBackend(use_cuda_graph=False).measure(conv_named("a_"))
+    assert "\n" not in str(info.value) and "user_compute_stream" in str(info.value)
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    import sys
+    from types import SimpleNamespace as NS
+
+    torch = NS(__version__="2.5.0", version=NS(cuda="12.4"),
+               backends=NS(cudnn=NS(benchmark=False, allow_tf32=True, version=lambda: 90100),
+                           cuda=NS(matmul=NS(allow_tf32=False))),
+               cuda=NS(get_device_name=lambda i: "NVIDIA Fake GPU", is_available=lambda: True))
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    return torch
+
+
+def test_torch_cuda_tf32_policy_matches_tensorrt(fake_torch):
+    from lmopt.latency.torch_cuda import TorchCudaBackend
+
+    on = TorchCudaBackend()
+    assert fake_torch.backends.cuda.matmul.allow_tf32 is True and fake_torch.backends.cudnn.allow_tf32 is True
+    off = TorchCudaBackend(tf32=False)
+    assert fake_torch.backends.cuda.matmul.allow_tf32 is False and fake_torch.backends.cudnn.allow_tf32 is False
+    assert on.cache_key()["tf32"] is True and off.cache_key()["tf32"] is False
+
+
+def test_every_gpu_backend_records_the_tf32_policy(fake_torch, fake_trt, fake_device, tmp_path):
+    from lmopt.latency.base import backend_class
+
+    fake_trt("10.3.0")
+    for name in ("trt", "torch-cuda", "ort-cuda"):
+        cls = backend_class(name)
+        extra = {"timing_cache": tmp_path / "t.cache"} if name == "trt" else {}
+        on, off = cls(**extra).cache_key(), cls(tf32=False, **extra).cache_key()
+        assert on["tf32"] is True and off["tf32"] is False, name
+        assert {k: v for k, v in on.items() if k != "tf32"} == {k: v for k, v in off.items() if k != "tf32"}
+    assert backend_class("ort-trt")().cache_key()["tf32"] is True
+    assert "tf32" not in backend_class("ort-cpu")().cache_key()  # no TF32 on a CPU
+
+
+def test_pyproject_polygraphy_floor_matches_the_runtime_check():
+    tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib to read pyproject.toml")
+    from pathlib import Path
+
+    from lmopt.latency.tensorrt import POLYGRAPHY_FOR_TRT11
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    floor = f"polygraphy>={POLYGRAPHY_FOR_TRT11}"
+    assert floor in extras["trt11"] and floor in extras["trt"]
+    assert not any("cuda-python" in dep for deps in extras.values() for dep in deps)

@@ -284,3 +284,70 @@ def test_cache_file_is_plain_sqlite(tmp_path):
         cache.put("s", KEY, 2.0)
     rows = sqlite3.connect(str(path)).execute("SELECT signature, backend, ms FROM latency").fetchall()
     assert rows == [("s", json.dumps(KEY, sort_keys=True, separators=(",", ":")), 2.0)]
+
+
+def run_ort(model, feeds):
+    return ort.InferenceSession(runtime_compatible(model).SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_fp16_keeps_a_cast_that_feeds_resize_scales_float32():
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.int64), "scales_i")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("Cast", ["scales_i"], ["scales"], to=TensorProto.FLOAT),
+         helper.make_node("Resize", ["r", "", "scales"], ["y"], mode="nearest")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], [scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
+    half = convert_to_fp16(model)
+    onnx.checker.check_model(half, full_check=True)
+    cast = next(n for n in half.graph.node if n.op_type == "Cast")
+    assert cast.attribute[0].i == TensorProto.FLOAT
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 3)).astype(np.float32)
+    (out,) = run_ort(half, {"x": x.astype(np.float16)})
+    np.testing.assert_allclose(out.astype(np.float32), run_ort(model, {"x": x})[0], atol=1e-2)
+
+
+def test_fp16_keeps_float_shape_arithmetic_float32():
+    # Resize to 3x the width, computed the way exporters write it: Shape -> Cast(FLOAT) -> Mul -> Cast(INT64).
+    # In float16, 1025 * 3 = 3075 rounds to 3076 and a GPU would give the wrong width (onnxruntime's CPU
+    # provider upcasts float16 arithmetic, so the types are checked too).
+    inits = [numpy_helper.from_array(np.array([2], np.int64), "start"),
+             numpy_helper.from_array(np.array([4], np.int64), "end"),
+             numpy_helper.from_array(np.array([1, 1, 3], np.float32), "factor"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["shape"]),
+         helper.make_node("Slice", ["shape", "start", "end"], ["hw"]),
+         helper.make_node("Concat", ["one", "hw"], ["chw"], axis=0),
+         helper.make_node("Cast", ["chw"], ["chw_f"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["chw_f", "factor"], ["scaled"]),
+         helper.make_node("Cast", ["scaled"], ["sizes_tail"], to=TensorProto.INT64),
+         helper.make_node("Concat", ["one", "sizes_tail"], ["sizes"], axis=0),
+         helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="nearest")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 1025])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, "w"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
+    half = convert_to_fp16(model)
+    onnx.checker.check_model(half, full_check=True)
+    (out,) = run_ort(half, {"x": np.ones((1, 1, 1, 1025), np.float16)})
+    assert out.shape == (1, 1, 1, 3075) and out.dtype == np.float16
+    assert np.float16(1025) * np.float16(3) == 3076
+    assert next(t for t in half.graph.initializer if t.name == "factor").data_type == TensorProto.FLOAT
+    casts = [n.attribute[0].i for n in half.graph.node if n.op_type == "Cast"]
+    assert casts == [TensorProto.FLOAT, TensorProto.INT64]
+
+
+def test_fp16_retypes_initializers_listed_as_graph_inputs():
+    model = conv_block(channels=4, size=8)
+    model.ir_version = 3  # IR < 4: every initializer is also a graph input
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims))
+                             for t in model.graph.initializer)
+    half = convert_to_fp16(model)
+    onnx.checker.check_model(half)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in half.graph.input}
+    assert types == {"x": TensorProto.FLOAT16, "w": TensorProto.FLOAT16, "b": TensorProto.FLOAT16}
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    (out,) = run_ort(half, {"x": x.astype(np.float16)})
+    np.testing.assert_allclose(out.astype(np.float32), run_ort(model, {"x": x})[0], atol=0.05, rtol=0.01)

@@ -6,8 +6,11 @@ the same method: prepare the model once, warm up, then time single inferences un
 `runs` runs and `min_time_s` seconds have passed, and report the median in milliseconds.
 
 Backends implement `_open(model) -> Session`; `measure` and `measure_interleaved` are built
-on it here. Heavy libraries (torch, tensorrt) are imported only inside the backend modules,
-and those modules are imported only when the backend is asked for.
+on it here. GPU sessions time with CUDA events (EventTimedSession): many launches between one
+pair of events, divided, so the GPU is never idle inside a sample; the host's enqueue time is
+measured too, and a block whose enqueue takes most of its GPU time is flagged (trtexec's
+"Throughput may be bound by Enqueue Time" check). Heavy libraries (torch, tensorrt) are imported
+only inside the backend modules, and those modules are imported only when the backend is asked for.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from ..errors import LmoptError
 from ..onnxio import graph_inputs, random_feed, static_shape  # noqa: F401  (re-exported for backends)
 
 PRECISIONS = ("fp32", "fp16")
+# trtexec's kENQUEUE_BOUND_REPORTING_THRESHOLD: enqueue-bound when median enqueue time > 0.8 x median GPU time.
+ENQUEUE_BOUND_RATIO = 0.8
 
 # name -> "module:Class", imported on demand.
 BACKENDS = {
@@ -43,13 +48,62 @@ class Session(abc.ABC):
     # Runs per run_timed() call while collecting: GPU sessions queue several runs between
     # synchronisations; CPU sessions check the clock after every run.
     batch = 1
+    # Host enqueue ms per launch, one entry per sample (GPU sessions only; None: not measured).
+    enqueue_ms: list[float] | None = None
 
     @abc.abstractmethod
     def run_timed(self, count: int) -> list[float]:
-        """Run `count` consecutive inferences; return each one's time in milliseconds."""
+        """Run `count` consecutive inferences; return samples of one inference's time in milliseconds
+        (one per inference, or one averaged over all of them for an EventTimedSession)."""
 
     def close(self) -> None:
         """Release what the session holds (GPU buffers, engines)."""
+
+
+class EventTimedSession(Session):
+    """A GPU session timed with one pair of CUDA events around many launches.
+
+    One launch is queued before the start event, so the GPU is busy when the event is recorded;
+    then `count` launches are queued and timed by the host clock (enqueue time), then the end event.
+    (end - start) / count is the GPU time of one launch, free of the host's gaps as long as the
+    host queues launches faster than the GPU runs them; enqueue_ms tells when it does not.
+    """
+
+    batch = 10
+    clock = staticmethod(time.perf_counter)
+
+    @abc.abstractmethod
+    def _launch(self) -> None:
+        """Queue one inference on the session's stream."""
+
+    @abc.abstractmethod
+    def _record(self, end: bool) -> None:
+        """Record the start (end=False) or end event on the session's stream."""
+
+    @abc.abstractmethod
+    def _elapsed_ms(self) -> float:
+        """Wait for the end event; milliseconds between the start and end events."""
+
+    def run_timed(self, count: int) -> list[float]:
+        if self.enqueue_ms is None:
+            self.enqueue_ms = []
+        self._launch()
+        self._record(False)
+        started = self.clock()
+        for _ in range(count):
+            self._launch()
+        host_ms = (self.clock() - started) * 1000.0
+        self._record(True)
+        gpu_ms = self._elapsed_ms()
+        self.enqueue_ms.append(host_ms / count)
+        return [gpu_ms / count]
+
+
+def enqueue_bound(gpu_ms: list[float], enqueue_ms: list[float] | None) -> bool:
+    """True when the host's enqueue time is most of the GPU time (the GPU may have waited for the host)."""
+    if not gpu_ms or not enqueue_ms:
+        return False
+    return statistics.median(enqueue_ms) > ENQUEUE_BOUND_RATIO * statistics.median(gpu_ms)
 
 
 class LatencyBackend(abc.ABC):
@@ -62,12 +116,18 @@ class LatencyBackend(abc.ABC):
       runs        at least this many timed runs
       min_time_s  and at least this many seconds of timed runs
       max_time_s  stop after this many seconds even if `runs` is not reached
+      tf32        GPU backends: let fp32 convolutions and matmuls use TF32 (default, as trtexec does
+                  unless --noTF32); recorded in cache_key(). The CPU backend has no TF32.
+
+    After measure(), last_enqueue_bound tells whether that model's timing was enqueue-bound, and
+    enqueue_bound counts such measurements.
     """
 
     name: str = ""
+    uses_tf32 = False  # GPU backends: True (the TF32 policy is applied and recorded in the cache key)
 
     def __init__(self, precision: str = "fp32", batch: int | None = None, warmup_s: float = 0.2,
-                 runs: int = 20, min_time_s: float = 0.5, max_time_s: float = 10.0):
+                 runs: int = 20, min_time_s: float = 0.5, max_time_s: float = 10.0, tf32: bool = True):
         if precision not in PRECISIONS:
             raise LmoptError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if runs < 1:
@@ -78,6 +138,9 @@ class LatencyBackend(abc.ABC):
         self.runs = runs
         self.min_time_s = min_time_s
         self.max_time_s = max(max_time_s, min_time_s)
+        self.tf32 = bool(tf32)
+        self.enqueue_bound = 0
+        self.last_enqueue_bound = False
 
     # --- what a backend provides -------------------------------------------------------------
     @classmethod
@@ -98,6 +161,8 @@ class LatencyBackend(abc.ABC):
         key = {"backend": self.name, "device": device, "library": library, "precision": self.precision}
         if self.batch is not None:
             key["batch"] = int(self.batch)
+        if self.uses_tf32:
+            key["tf32"] = self.tf32
         key.update({k: v for k, v in extra.items() if v is not None})
         return key
 
@@ -112,9 +177,7 @@ class LatencyBackend(abc.ABC):
         start = time.perf_counter()
         while True:
             # Time in small batches so GPU backends can queue several runs between synchronisations.
-            remaining = self.runs - len(samples)
-            step = session.batch
-            samples += session.run_timed(min(step, remaining) if remaining > 0 else step)
+            samples += session.run_timed(session.batch)
             elapsed = time.perf_counter() - start
             if (len(samples) >= self.runs and elapsed >= self.min_time_s) or elapsed >= self.max_time_s:
                 return samples
@@ -124,7 +187,12 @@ class LatencyBackend(abc.ABC):
         session = self._open(model)
         try:
             self._warm(session)
-            return float(statistics.median(self._collect(session)))
+            if session.enqueue_ms is not None:
+                session.enqueue_ms.clear()
+            samples = self._collect(session)
+            self.last_enqueue_bound = enqueue_bound(samples, session.enqueue_ms)
+            self.enqueue_bound += self.last_enqueue_bound
+            return float(statistics.median(samples))
         finally:
             session.close()
 

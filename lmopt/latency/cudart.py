@@ -7,19 +7,40 @@ called here on the same libcudart (ctypes), following the CUDA runtime API:
   cudaStreamBeginCapture(stream, mode), cudaStreamEndCapture(stream, cudaGraph_t*),
   cudaGraphInstantiateWithFlags(cudaGraphExec_t*, graph, unsigned long long flags),
   cudaGraphLaunch(exec, stream), cudaGraphDestroy, cudaGraphExecDestroy,
-  cudaGetDeviceCount(int*), cudaGetDeviceProperties(cudaDeviceProp*, device), cudaGetLastError().
+  cudaGetDeviceCount(int*), cudaGetDeviceProperties_v2(cudaDeviceProp*, device), cudaGetLastError().
+CUDA 12 headers map cudaGetDeviceProperties to cudaGetDeviceProperties_v2, and later runtimes may not
+export the old name; the _v2 symbol is used where the library has it, the old one elsewhere (CUDA 11).
 cudaGraphInstantiateWithFlags is used rather than cudaGraphInstantiate because the latter's
 C signature changed in CUDA 12 (flags replaced the error-node/log-buffer arguments of CUDA 11),
 while ...WithFlags has the same signature in CUDA 11.4+ and 12 (JetPack 6 ships CUDA 12.2).
 cudaStreamCaptureModeThreadLocal = 1 (Global 0, ThreadLocal 1, Relaxed 2), the mode trtexec's
 TrtCudaGraph uses.
+
+Finding libcudart: polygraphy searches LD_LIBRARY_PATH, /usr/local/cuda/lib64, /usr/lib and /lib
+(and, from 0.53.4, the nvidia-cuda-runtime wheel). A pip-only machine keeps it in the wheel, under
+site-packages/nvidia/cuda_runtime/lib: when polygraphy finds none, that folder is put on
+LD_LIBRARY_PATH (the path polygraphy's own hint names) and polygraphy is asked again. cuda-python
+is not used: polygraphy's ctypes handle already gives every call lmopt makes.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import sys
+from pathlib import Path
 
 CAPTURE_MODE_THREAD_LOCAL = 1
+
+
+def wheel_runtime_dirs(paths: list[str] | None = None) -> list[Path]:
+    """Folders nvidia/cuda_runtime/lib under `paths` (default sys.path, i.e. site-packages) holding a libcudart."""
+    found = []
+    for entry in filter(None, sys.path if paths is None else paths):
+        lib_dir = Path(entry) / "nvidia" / "cuda_runtime" / "lib"
+        if lib_dir not in found and lib_dir.is_dir() and any(lib_dir.glob("libcudart.so*")):
+            found.append(lib_dir)
+    return found
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,6 +48,13 @@ def lib():
     """polygraphy's global libcudart handle (ctypes.CDLL); raises if none can be loaded."""
     from polygraphy import cuda
 
+    try:
+        return cuda.wrapper().handle
+    except OSError:  # polygraphy found no libcudart.so* and the default loader failed too
+        dirs = wheel_runtime_dirs()
+        if not dirs:
+            raise
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*map(str, dirs), os.environ.get("LD_LIBRARY_PATH")]))
     return cuda.wrapper().handle
 
 
@@ -45,7 +73,12 @@ def device_name(device: int = 0) -> str:
     # cudaDeviceProp starts with `char name[256]` in every CUDA version; the struct is about 1 KiB,
     # so an 8 KiB buffer is safe whichever version of the struct the library fills.
     buffer = ctypes.create_string_buffer(8192)
-    if lib().cudaGetDeviceProperties(buffer, ctypes.c_int(device)) != 0:
+    handle = lib()
+    try:
+        get_properties = handle.cudaGetDeviceProperties_v2
+    except AttributeError:  # CUDA 11
+        get_properties = handle.cudaGetDeviceProperties
+    if get_properties(buffer, ctypes.c_int(device)) != 0:
         return "unknown NVIDIA GPU"
     return buffer.raw[:256].split(b"\0", 1)[0].decode("utf-8", "replace") or "unknown NVIDIA GPU"
 

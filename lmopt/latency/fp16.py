@@ -5,9 +5,12 @@ strongly typed, so an fp16 engine needs an fp16 model. onnxconverter-common's co
 (which polygraphy's ConvertToFp16 wraps) is a separate package that JetPack does not ship; the
 models lmopt times (convolutions, Gemm/MatMul, activations, pooling, normalisation, reshapes)
 need only this much: every float tensor (initializers, Constant values, Cast targets, graph
-I/O, value_info) becomes float16, except inputs that ONNX requires to stay float32
-(Resize/Upsample scales). With keep_io_types the graph's float inputs and outputs stay
-float32, with Casts at the boundary (what a deployed engine with fp32 I/O does).
+I/O, value_info) becomes float16, except what must stay float32: inputs that ONNX requires to be
+float32 (Resize/Upsample scales), and the float shape arithmetic that computes them or an integer
+(Shape -> Cast(to=FLOAT) -> Mul -> Cast(to=INT64), as exporters write interpolation sizes), whose
+Casts keep their FLOAT target. An initializer also listed as a graph input is retyped with it.
+With keep_io_types the graph's float inputs and outputs stay float32, with Casts at the boundary
+(what a deployed engine with fp32 I/O does).
 """
 from __future__ import annotations
 
@@ -23,6 +26,39 @@ FP16_MAX = float(np.finfo(np.float16).max)
 # (op_type, input index) that must stay float32 whatever T is.
 _KEEP_FP32_INPUTS = {("Resize", 2), ("Upsample", 1)}
 _UNSUPPORTED = {"If", "Loop", "Scan"}
+_FLOAT_TYPES = {FLOAT, FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _fp32_tensors(model: onnx.ModelProto) -> set[str]:
+    """Float tensors that must stay float32 (see the module docstring)."""
+    graph = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        inferred = graph  # the types the model declares
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.input, *inferred.output, *inferred.value_info]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    sinks = {node.input[i] for node in graph.node for (op, i) in _KEEP_FP32_INPUTS
+             if node.op_type == op and len(node.input) > i and node.input[i]}
+    # Forward: tensors computed from integers (and constants) only.
+    from_ints: set[str] = set()
+    for node in graph.node:
+        inputs = [name for name in node.input if name and name not in constants]
+        if inputs and all(name in from_ints or types.get(name, FLOAT) not in _FLOAT_TYPES for name in inputs):
+            from_ints.update(node.output)
+    # Backward: tensors that feed a float32-only input or a Cast to a non-float type.
+    needed = set(sinks)
+    for node in graph.node:
+        if node.op_type == "Cast" and any(a.name == "to" and a.i not in _FLOAT_TYPES for a in node.attribute):
+            needed.add(node.input[0])
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            needed.update(name for name in node.input if name)
+    keep = sinks | (needed & from_ints)
+    # The constants the kept shape arithmetic reads stay float32 with it.
+    return keep | {name for node in graph.node if any(out in keep for out in node.output)
+                   for name in node.input if name in constants}
 
 
 def _to_fp16_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
@@ -44,16 +80,17 @@ def convert_to_fp16(model: onnx.ModelProto, keep_io_types: bool = False) -> onnx
         if node.op_type in _UNSUPPORTED:
             raise LmoptError(f"fp16 conversion does not handle control flow ({node.op_type} node {node.name!r})")
 
-    keep_fp32 = {node.input[i] for node in graph.node for (op, i) in _KEEP_FP32_INPUTS
-                 if node.op_type == op and len(node.input) > i and node.input[i]}
+    keep_fp32 = _fp32_tensors(out)
     for i, tensor in enumerate(graph.initializer):
         if tensor.data_type == FLOAT and tensor.name not in keep_fp32:
             graph.initializer[i].CopyFrom(_to_fp16_tensor(tensor))
     for node in graph.node:
+        if any(name in keep_fp32 for name in node.output):
+            continue
         for attr in node.attribute:
             if node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
                 attr.i = FLOAT16
-            elif node.op_type == "Constant" and node.output[0] not in keep_fp32:
+            elif node.op_type == "Constant":
                 if attr.name == "value" and attr.t.data_type == FLOAT:
                     attr.t.CopyFrom(_to_fp16_tensor(attr.t))
                 elif attr.name in ("value_float", "value_floats"):
@@ -71,6 +108,9 @@ def convert_to_fp16(model: onnx.ModelProto, keep_io_types: bool = False) -> onnx
             _retype(vi)
 
     initializer_names = {t.name for t in graph.initializer}
+    for vi in graph.input:  # initializers listed as graph inputs (IR < 4 models) take their new type
+        if vi.name in initializer_names and vi.name not in keep_fp32:
+            _retype(vi)
     float_inputs = [vi for vi in graph.input if vi.name not in initializer_names
                     and vi.type.tensor_type.elem_type == FLOAT]
     float_outputs = [vi for vi in graph.output if vi.type.tensor_type.elem_type == FLOAT]

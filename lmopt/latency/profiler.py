@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import onnx
 
 from ..errors import LmoptError
 from ..onnxio import atomic_write_text
-from .base import LatencyBackend
+from .base import ENQUEUE_BOUND_RATIO, LatencyBackend
 from .cache import LatencyCache
 from .signature import model_fingerprint, structural_signature
 
@@ -31,6 +32,7 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
     `cache`, signatures already stored for this backend's cache_key() are not re-timed, and
     each new measurement is committed as soon as it is taken (Ctrl-C loses nothing timed).
     cache=None times without persistence. `signatures`, if given, is filled with block -> signature.
+    Blocks whose timing was enqueue-bound (see base.enqueue_bound) are reported in one line on stderr.
     """
     from tqdm import tqdm
 
@@ -50,14 +52,20 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
             hits += 1
         else:
             todo[sig] = blocks[name]
+    bound = 0
     with tqdm(total=len(todo), desc=desc, unit="block", disable=not progress, leave=False) as bar:
         bar.set_postfix_str(f"{len(sig_of)} blocks, {len(ms_of) + len(todo)} distinct, {hits} cached")
         for sig, model in todo.items():
             ms = backend.measure(model)
+            bound += backend.last_enqueue_bound
             ms_of[sig] = ms
             if cache is not None:
                 cache.put(sig, key, ms)
             bar.update(1)
+    if bound:
+        print(f"lmopt: {bound} of {len(todo)} blocks timed on {backend.name} were enqueue-bound (the host's "
+              f"enqueue time was over {ENQUEUE_BOUND_RATIO:g}x the GPU time): their latencies may include GPU "
+              "idle time", file=sys.stderr)
     return {name: ms_of[sig] for name, sig in sig_of.items()}
 
 

@@ -11,14 +11,18 @@ Precision: TensorRT 10.x has BuilderFlag.FP16 (deprecated from 10.12): fp16 uses
 the block's float I/O set to half so a block does not pay fp32<->fp16 reformats a real fp16
 network would not have (trtexec's --inputIOFormats/--outputIOFormats=fp16:chw).
 TensorRT 11.x removed the precision builder flags: precision travels in the ONNX file
-(lmopt.latency.fp16 converts it) and the network is strongly typed
-(docs: "Migrating from TensorRT 10.x to 11.x", docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/).
-TF32 is allowed for fp32, as trtexec allows it unless --noTF32.
+(lmopt.latency.fp16 converts it) and the network is always strongly typed, so the deprecated
+STRONGLY_TYPED creation flag is not passed (docs: "Migrating from TensorRT 10.x to 11.x",
+docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/).
+TF32 follows the backend's tf32 option (default on, as trtexec unless --noTF32).
+
+polygraphy: 0.49 drives TensorRT 10; TensorRT 11 needs 0.50 or newer, because 0.49's CreateConfig
+reads ILayer.precision_is_set, which TensorRT 11 removed (an AttributeError inside the build).
 
 Timing (trtexec's "GPU Compute Time"): inputs are copied to the GPU once; one enqueue outside
 any capture, then a CUDA graph is captured from execute_async_v3 (falling back to plain enqueues
-when the engine cannot be captured, as trtexec --useCudaGraph does); each run is bracketed by
-CUDA events on the stream; median after warm-up.
+when the engine cannot be captured, as trtexec --useCudaGraph does); batches of launches are
+timed between CUDA events on the stream (base.EventTimedSession); median after warm-up.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import onnx
 
 from ..errors import LmoptError
 from . import cudart
-from .base import LatencyBackend, Session, graph_inputs, one_line, static_shape
+from .base import EventTimedSession, LatencyBackend, Session, graph_inputs, one_line, static_shape
 from .cache import default_cache_dir
 from .fp16 import convert_to_fp16
 
@@ -42,6 +46,18 @@ INSTALL_HINT = ("install it from NVIDIA (pip install tensorrt --extra-index-url 
 # The onnx-tensorrt parser of TensorRT 10.3 (JetPack 6) was built against onnx 1.16 (IR 10);
 # onnx 1.23 writes IR 14. Lower IR versions are a superset for the opsets lmopt writes (17).
 TRT_MAX_IR_VERSION = 10
+# The oldest polygraphy that works with TensorRT 11 (see the module docstring).
+POLYGRAPHY_FOR_TRT11 = "0.50"
+
+
+def polygraphy_status(trt_version: str, polygraphy_version: str) -> str | None:
+    """None when this polygraphy can drive this TensorRT, else the one-line reason."""
+    from polygraphy import mod
+
+    if int(trt_version.split(".")[0]) >= 11 and mod.version(polygraphy_version) < mod.version(POLYGRAPHY_FOR_TRT11):
+        return (f"TensorRT {trt_version} needs polygraphy >= {POLYGRAPHY_FOR_TRT11}, this is polygraphy "
+                f"{polygraphy_version}: pip install -U polygraphy")
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,6 +71,11 @@ def trt_status() -> str | None:
         trt.__version__
     except Exception as exc:  # the PyPI stub raises at import when its real wheel was never fetched
         return f"TensorRT could not be imported ({one_line(exc)[:200]}): {INSTALL_HINT}"
+    import polygraphy
+
+    reason = polygraphy_status(trt.__version__, polygraphy.__version__)
+    if reason is not None:
+        return reason
     try:
         count = cudart.device_count()
     except Exception as exc:
@@ -115,11 +136,12 @@ def _onnx_bytes(model: onnx.ModelProto) -> bytes:
 
 
 def build_engine_bytes(model: onnx.ModelProto, precision: str = "fp32", workspace_mib: int | None = None,
-                       timing_cache: str | Path | None = None, fp16_io: bool = False) -> tuple[bytes, onnx.ModelProto]:
+                       timing_cache: str | Path | None = None, fp16_io: bool = False,
+                       tf32: bool = True) -> tuple[bytes, onnx.ModelProto]:
     """Build a serialized engine; returns (engine bytes, the ONNX model TensorRT parsed).
 
     fp16_io: with precision 'fp16', make the float network inputs/outputs half (blocks);
-    otherwise they stay as in the model (deployment: fp32 I/O).
+    otherwise they stay as in the model (deployment: fp32 I/O). tf32: BuilderFlag.TF32 set or cleared.
     """
     trt = _trt()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxBytes, PostprocessNetwork
@@ -130,10 +152,9 @@ def build_engine_bytes(model: onnx.ModelProto, precision: str = "fp32", workspac
     if fp16 and not flags:
         # TensorRT 11: precision travels in the ONNX file.
         parsed = convert_to_fp16(model, keep_io_types=not fp16_io)
-    # NetworkFromOnnxBytes(model_bytes, strongly_typed=...) sets NetworkDefinitionCreationFlag.STRONGLY_TYPED
-    # (polygraphy.backend.trt.loader.CreateNetwork). TensorRT 11 accepts and ignores the flag (always strongly
-    # typed); on 10.x it is set only without the FP16 builder flag, which is weak typing's tool.
-    network = NetworkFromOnnxBytes(_onnx_bytes(parsed), strongly_typed=not flags)
+    # No strongly_typed=: TensorRT 11 networks are always strongly typed (the flag is deprecated and ignored);
+    # TensorRT 10 builds weakly typed networks, where the FP16 builder flag picks the precision.
+    network = NetworkFromOnnxBytes(_onnx_bytes(parsed))
     if fp16 and flags and fp16_io:
         def half_io(network):
             # ITensor.dtype of a network input/output may be set on a weakly typed network
@@ -154,8 +175,8 @@ def build_engine_bytes(model: onnx.ModelProto, precision: str = "fp32", workspac
         # a missing file only warns and starts an empty cache.
         config_args["load_timing_cache"] = str(timing_cache)
     config = CreateConfig(
-        fp16=fp16 and flags,                              # BuilderFlag.FP16, TensorRT 10.x only
-        tf32=hasattr(trt.BuilderFlag, "TF32"),            # trtexec's default (it has --noTF32 to turn it off)
+        fp16=fp16 and flags,  # BuilderFlag.FP16, TensorRT 10.x only
+        tf32=tf32,            # BuilderFlag.TF32 set, or cleared (trtexec --noTF32); TensorRT 10 and 11 have it
         **config_args,
     )
     # EngineBytesFromNetwork(network, config, save_timing_cache=PATH): builder.build_serialized_network, then
@@ -163,7 +184,13 @@ def build_engine_bytes(model: onnx.ModelProto, precision: str = "fp32", workspac
     loader = EngineBytesFromNetwork(network, config=config,
                                     save_timing_cache=str(timing_cache) if timing_cache else None)
     with polygraphy_errors("TensorRT could not build the model"):
-        engine_bytes = loader()
+        try:
+            engine_bytes = loader()
+        except AttributeError as exc:  # a polygraphy older than this TensorRT's API
+            import polygraphy
+
+            raise LmoptError(f"polygraphy {polygraphy.__version__} cannot drive TensorRT {trt.__version__} "
+                             f"({one_line(exc)[:200]}): pip install -U polygraphy") from None
     return bytes(engine_bytes), parsed
 
 
@@ -178,10 +205,8 @@ def _np_dtype(trt_dtype):
     return _NP_OF_TRT[name]
 
 
-class EngineSession(Session):
+class EngineSession(EventTimedSession):
     """A deserialized engine with device buffers bound, timed with CUDA events (CUDA graph when possible)."""
-
-    batch = 10
 
     def __init__(self, engine_bytes: bytes, seed: int = 0, use_cuda_graph: bool = True):
         trt = _trt()
@@ -190,6 +215,7 @@ class EngineSession(Session):
 
         self._cuda = cuda.wrapper()
         self._buffers: list[int] = []
+        self._events: tuple = ()
         self.graph = None
         with polygraphy_errors("TensorRT could not load the engine"):
             self.engine = EngineFromBytes(engine_bytes)()
@@ -201,6 +227,7 @@ class EngineSession(Session):
         self.stream = cuda.Stream()
         rng = np.random.default_rng(seed)
         try:
+            self._events = (cudart.Event(), cudart.Event())
             for i in range(self.engine.num_io_tensors):
                 name = self.engine.get_tensor_name(i)
                 shape = tuple(self.engine.get_tensor_shape(name))
@@ -251,19 +278,16 @@ class EngineSession(Session):
             self.launch = lambda: graph.launch(self.stream.ptr)
         # else: the engine holds work CUDA graphs cannot capture; plain enqueues (trtexec warns and does the same)
 
-    def run_timed(self, count: int) -> list[float]:
-        events = [(cudart.Event(), cudart.Event()) for _ in range(count)]
-        try:
-            for start, end in events:
-                start.record(self.stream.ptr)
-                self.launch()
-                end.record(self.stream.ptr)
-            events[-1][1].synchronize()
-            return [end.elapsed_ms(start) for start, end in events]
-        finally:
-            for start, end in events:
-                start.destroy()
-                end.destroy()
+    def _launch(self) -> None:
+        self.launch()
+
+    def _record(self, end: bool) -> None:
+        self._events[end].record(self.stream.ptr)
+
+    def _elapsed_ms(self) -> float:
+        start, end = self._events
+        end.synchronize()
+        return end.elapsed_ms(start)
 
     def close(self) -> None:
         if self.graph is not None:
@@ -271,6 +295,9 @@ class EngineSession(Session):
             self.graph = None
         with contextlib.suppress(Exception):
             self.stream.synchronize()
+        for event in self._events:
+            event.destroy()
+        self._events = ()
         for ptr in self._buffers:
             with contextlib.suppress(Exception):
                 self._cuda.free(ptr)
@@ -287,6 +314,7 @@ class TensorrtBackend(LatencyBackend):
     """--backend trt: TensorRT engines built per block, GPU compute time per inference."""
 
     name = "trt"
+    uses_tf32 = True
 
     def __init__(self, timing_cache: str | Path | None = None, workspace_mib: int | None = None,
                  use_cuda_graph: bool = True, quiet: bool = True, **options):
@@ -303,12 +331,11 @@ class TensorrtBackend(LatencyBackend):
 
     def cache_key(self) -> dict:
         return self._base_key(cudart.device_name(), f"TensorRT {trt_version()}",
-                              tf32=(self.precision == "fp32" and hasattr(_trt().BuilderFlag, "TF32")) or None,
                               io="fp16" if self.precision == "fp16" else None)
 
     def _open(self, model: onnx.ModelProto) -> Session:
         for vi in graph_inputs(model):
             static_shape(vi)  # a clear error before building
         engine_bytes, _ = build_engine_bytes(model, self.precision, self.workspace_mib, self.timing_cache,
-                                             fp16_io=True)
+                                             fp16_io=True, tf32=self.tf32)
         return EngineSession(engine_bytes, use_cuda_graph=self.use_cuda_graph)

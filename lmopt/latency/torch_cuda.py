@@ -5,9 +5,11 @@ since 2024, pulls in torchvision); torch_translate's docstring says why and what
 
 For machines with a GPU but no TensorRT. cudnn.benchmark picks the fastest convolution
 algorithms during warm-up; each block is captured into a CUDA graph when capture works
-(removing Python and launch overhead, as a deployed graph would), else run eagerly; each run
-is bracketed by CUDA events and the median is reported. fp16 runs the module after
-module.half() on half inputs.
+(removing Python and launch overhead, as a deployed graph would), else run eagerly; batches of
+runs are timed between CUDA events (base.EventTimedSession) and the median is reported. fp16 runs
+the module after module.half() on half inputs. TF32 follows the backend's tf32 option for both
+matmuls and convolutions (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+the policy the TensorRT backend applies too; torch's own defaults differ (matmul off, cuDNN on).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import contextlib
 import onnx
 
 from ..errors import LmoptError
-from .base import LatencyBackend, Session, one_line, random_inputs
+from .base import EventTimedSession, LatencyBackend, Session, one_line, random_inputs
 
 
 def torch_status() -> str | None:
@@ -30,9 +32,7 @@ def torch_status() -> str | None:
     return None
 
 
-class _TorchSession(Session):
-    batch = 10
-
+class _TorchSession(EventTimedSession):
     def __init__(self, model: onnx.ModelProto, precision: str, use_cuda_graph: bool):
         import numpy as np
         import torch
@@ -52,6 +52,7 @@ class _TorchSession(Session):
             module = module.half()
         self.module, self.inputs = module, inputs
         self.graph = None
+        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         with torch.no_grad():
             self._eager()  # first run: cudnn.benchmark's algorithm search
             torch.cuda.synchronize()
@@ -81,17 +82,16 @@ class _TorchSession(Session):
             return
         self.graph = graph
 
-    def run_timed(self, count: int) -> list[float]:
-        torch = self.torch
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(count)]
-        with torch.no_grad():
-            for start, end in events:
-                start.record()
-                self.run()
-                end.record()
-        events[-1][1].synchronize()
-        return [start.elapsed_time(end) for start, end in events]
+    def _launch(self) -> None:
+        self.run()  # graph replay, or _eager (under no_grad)
+
+    def _record(self, end: bool) -> None:
+        self._events[end].record()
+
+    def _elapsed_ms(self) -> float:
+        start, end = self._events
+        end.synchronize()
+        return start.elapsed_time(end)
 
     def close(self) -> None:
         self.graph = None
@@ -104,13 +104,19 @@ class TorchCudaBackend(LatencyBackend):
     """--backend torch-cuda: torch on the GPU, CUDA-event timing, CUDA graphs where capture works."""
 
     name = "torch-cuda"
+    uses_tf32 = True
 
     def __init__(self, use_cuda_graph: bool = True, **options):
         super().__init__(**options)
         self.use_cuda_graph = use_cuda_graph
+        self._set_flags()
+
+    def _set_flags(self) -> None:
         import torch
 
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
 
     @classmethod
     def available(cls) -> str | None:
@@ -125,6 +131,7 @@ class TorchCudaBackend(LatencyBackend):
                               cuda_graph=self.use_cuda_graph)
 
     def _open(self, model: onnx.ModelProto) -> Session:
+        self._set_flags()  # process-wide flags: set again in case other code changed them
         try:
             return _TorchSession(model, self.precision, self.use_cuda_graph)
         except LmoptError:
