@@ -127,6 +127,14 @@ DEFAULT_COUNT = 256
 DEFAULT_RANDOM_COUNT = 16
 
 
+def evenly_spaced(feeds: list, count: int) -> list:
+    """`count` of `feeds` spread evenly over them, in order: every source of data ordered by source
+    is represented (the first `count` could all come from one image)."""
+    if count >= len(feeds):
+        return feeds
+    return [feeds[i] for i in np.linspace(0, len(feeds) - 1, count).round().astype(int)]
+
+
 def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int | None, eval_count: int | None,
                      prep: Preprocess | None = None, eval_data: str | None = None) -> tuple[list, list, str]:
     """(calibration feeds, evaluation feeds, description). With `eval_data` the evaluation feeds
@@ -139,18 +147,18 @@ def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int | Non
         cals, evals = feeds[:count], feeds[count:]
         note = "random inputs (importance then reflects the structure only)"
     elif eval_data is not None:
-        cals = load_calibration(calib, model, count, prep)
-        evals = load_calibration(eval_data, model, eval_count, prep)
+        cals = evenly_spaced(load_calibration(calib, model, None, prep), count)
+        evals = evenly_spaced(load_calibration(eval_data, model, None, prep), eval_count)
         note = f"{len(cals)} calibration samples from {calib}; {len(evals)} evaluation samples from {eval_data}"
     else:
         feeds = load_calibration(calib, model, None, prep)
         if len(feeds) < 2:
             raise LmoptError(f"--calib {calib}: needs at least 2 samples (calibration and evaluation), found {len(feeds)}")
-        order = np.random.default_rng(0).permutation(len(feeds))
+        # Held out from the end, not at random: data ordered by source (crops of one image side by
+        # side, files sorted by name) then keeps each source on one side of the split.
         n_eval = min(eval_count, len(feeds) // 2)
-        n_cal = min(count, len(feeds) - n_eval)
-        evals = [feeds[i] for i in order[:n_eval]]
-        cals = [feeds[i] for i in order[n_eval:n_eval + n_cal]]
+        evals = feeds[len(feeds) - n_eval:]
+        cals = evenly_spaced(feeds[:len(feeds) - n_eval], count)
         note = (f"{len(cals)} calibration and {len(evals)} held-out samples from {calib} "
                 "(give --eval DATA from other sources for a fair check)")
     check_finite(cals, f"--calib {calib}" if calib else "random inputs")

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from .blocks import suffix_model
 from .loader import to_model
-from .verify import compare, session
+from .verify import compare, run_each
 
 
 # Bump when the damage measure changes, so cached scores of the old measure are not reused.
@@ -47,10 +47,8 @@ class Scorer:
         probe = self.graph.copy()
         tensors = probe.tensors()
         probe.outputs = list(probe.outputs[:1]) + [tensors[n] for n in missing]
-        sess = session(to_model(probe, like=self.model))
         reference = []
-        for cached, feed in zip(self.cached, self.feeds):
-            values = sess.run(None, feed)
+        for cached, values in zip(self.cached, run_each(to_model(probe, like=self.model), self.feeds)):
             reference.append(values[0])
             cached.update(zip(missing, values[1:]))
         self.reference = np.stack(reference)
@@ -66,9 +64,9 @@ class Scorer:
         suffix = suffix_model(transformed, changed_prefix, like=self.model)
         if suffix is None:
             return compare(self.reference, self.reference)
-        sess = session(suffix)
-        wanted = [i.name for i in sess.get_inputs()]
+        wanted = [i.name for i in suffix.graph.input]
         self._fetch(wanted)
-        outputs = [sess.run(None, {name: cached[name] for name in wanted})[0] for cached in self.cached]
+        outputs = [outs[0] for outs in run_each(suffix, [{name: cached[name] for name in wanted}
+                                                         for cached in self.cached])]
         return compare(self.reference, np.stack(outputs))
 

@@ -90,13 +90,17 @@ def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: l
     return corrected
 
 
+WHOLE_MODEL = "model"
+
+
 def time_blocks(runner, model: onnx.ModelProto, blocks: dict, cache, progress: bool) -> tuple[dict, dict, float]:
-    """(block latency ms, block signatures, whole-model ms) on `runner`. The whole model is timed
-    before and after the blocks and the lower median kept: load from elsewhere only adds time."""
-    before = runner.measure(model)
+    """(block latency ms, block signatures, whole-model ms) on `runner`. The whole model is timed and
+    cached like a block: a warm run then compares cached blocks with a whole-model time taken in the
+    same conditions, not with one taken under whatever load the machine has now."""
     signatures: dict[str, str] = {}
-    latency = profile_blocks(blocks, runner, cache, progress=progress, signatures=signatures) if blocks else {}
-    return latency, signatures, min(before, runner.measure(model))
+    latency = profile_blocks({**blocks, WHOLE_MODEL: model}, runner, cache, progress=progress, signatures=signatures)
+    signatures.pop(WHOLE_MODEL)
+    return latency, signatures, latency.pop(WHOLE_MODEL)
 
 
 def profile_table(source, backend_name=None, input_shapes=None, max_kernel=7, cache_path=None,

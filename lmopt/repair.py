@@ -25,7 +25,7 @@ from .loader import to_model
 from .passes.linear import ConvSpec, DenseSpec
 from .passes.merge import layer_spec
 from .passes.refit import refit_conv, refit_dense
-from .verify import compare, damage, session
+from .verify import compare, damage, run_each
 
 log = logging.getLogger("lmopt.repair")
 
@@ -50,8 +50,7 @@ def run_with_outputs(model: onnx.ModelProto, feeds: list[dict], names: list[str]
     graph.outputs = list(graph.outputs[:1]) + [tensors[n] for n in names if n != graph.outputs[0].name]
     for tensor in graph.outputs[1:]:
         tensor.dtype = tensor.dtype or np.float32
-    sess = session(to_model(graph, like=model))
-    runs = [sess.run(None, feed) for feed in feeds]
+    runs = run_each(to_model(graph, like=model), feeds)
     values = [np.concatenate([r[i] for r in runs]) for i in range(len(runs[0]))]
     by_name = {graph.outputs[0].name: values[0], **dict(zip([t.name for t in graph.outputs[1:]], values[1:]))}
     return [values[0]] + [by_name[n] for n in names]
