@@ -94,6 +94,25 @@ def check_opsets(model: onnx.ModelProto) -> None:
         raise LmoptError(f"invalid ONNX model: {first}") from None
 
 
+# Ops of quantized graphs (QDQ, QOperator, integer ops; com.microsoft's QLinear* too).
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
+                 "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
+                 "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
+
+
+def check_not_quantized(model: onnx.ModelProto) -> None:
+    """A quantized model has integer weights lmopt cannot merge: say so instead of finding no chain."""
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    if found:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(found.items()))
+        raise LmoptError(f"the model is quantized ({ops}): lmopt compresses float models; run it on the float "
+                         "model and quantize afterwards")
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
@@ -217,6 +236,7 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
     model = source if isinstance(source, onnx.ModelProto) else load_model(source)
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's object
     check_opsets(model)
+    check_not_quantized(model)
     fix_input_shapes(model, dict(input_shapes or {}))
     model = infer_shapes(model)
     graph = to_graph(model)

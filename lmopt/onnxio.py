@@ -48,6 +48,8 @@ def runtime_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX file with its external data; one clear LmoptError for anything that is not ONNX."""
     path = Path(path)
+    if path.is_dir():
+        raise LmoptError(f"{path}: is a directory, not an ONNX file")
     if not path.is_file():
         raise LmoptError(f"{path}: no such file")
     try:
@@ -77,6 +79,26 @@ def atomic_target(path: str | os.PathLike):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """Fail now, before any work, when `path` cannot be written: it names a directory, or its
+    nearest existing folder is not a writable folder. Probes by creating and removing a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise LmoptError(f"{what} {path}: is a directory; give a file path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise LmoptError(f"{what} {path}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise LmoptError(f"{what} {path}: cannot write in {folder} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from tqdm import tqdm
 
 from .analysis import Analysis, analyse
 from .blocks import block_model
@@ -24,8 +23,9 @@ from .passes.apply import apply_candidates
 from .passes.linear import ConvSpec
 from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
 from .passes.refit import refit_conv, refit_dense
+from .progress import stage
 from .select import METHODS, fastest, method_filter, select
-from .verify import compare, damage, op_table, run_outputs
+from .verify import compare_outputs, damage, op_table, run_all_outputs
 
 
 @dataclass
@@ -105,7 +105,7 @@ def profile_table(source, backend_name=None, input_shapes=None, max_kernel=7, ca
     backend = get_backend(backend_name, **backend_options)
     cache = LatencyCache(cache_path) if cache_path is not False else None
     blocks = {}
-    for cand in tqdm(prepared.candidates, desc="building blocks", unit="cand", disable=not progress, leave=False):
+    for cand in stage(prepared.candidates, desc="building blocks", unit="cand", enabled=progress):
         graph = candidate_graph(prepared.model, prepared.analysis, cand)
         blocks[cand.key] = block_of(prepared.model, prepared.analysis, cand, graph)
     blocks.update(chain_models(prepared.model, prepared.analysis))
@@ -156,7 +156,7 @@ class Study:
         refit_note = "refit" if refit else "plain"
         score_prefix = f"{SCORE_VERSION}:{refit_note}:{model_key}:{feeds_fingerprint(cal_feeds)}:"
         self.damage, self.latency, blocks = {}, {}, {}
-        for cand in tqdm(candidates, desc="scoring", unit="cand", disable=not progress, leave=False):
+        for cand in stage(candidates, desc="scoring", unit="cand", enabled=progress):
             score = 0.0 if cand.is_original else (cache.get_score(score_prefix + cand.key) if cache is not None else None)
             if table is not None:
                 self.latency[cand.key] = table["blocks"][cand.key]["ms"]
@@ -262,7 +262,9 @@ class Study:
         optimized = apply_candidates(self.model, self.analysis, changes,
                                      {c.key: self.operator_for(c) for c in changes})
         onnx.checker.check_model(optimized)
-        fidelity = compare(run_outputs(self.model, self.eval_feeds), run_outputs(optimized, self.eval_feeds))
+        by_output = compare_outputs(run_all_outputs(self.model, self.eval_feeds),
+                                    run_all_outputs(optimized, self.eval_feeds))
+        fidelity = next(iter(by_output.values()))
         predicted = self.estimate_ms / (self.fixed_ms + planned_ms)
         predicted_ms = self.whole_ms / predicted
         measured_ms = measured = None
@@ -282,6 +284,7 @@ class Study:
             "measured_speedup": measured,
             "prediction_error": None if measured is None else (predicted - measured) / measured,
             "fidelity": fidelity,
+            "fidelity_by_output": by_output,
             "importance_data": self.data_note,
             "refit": self.refit,
             "candidates": len(candidates),
@@ -351,6 +354,9 @@ def format_report(report: dict) -> str:
     if "kl" in fid:
         text += f", top-1 agreement {100 * fid['top1_agreement']:.1f}%, KL {fid['kl']:.4f}"
     lines.append(text)
+    if len(report.get("fidelity_by_output", {})) > 1:
+        for name, fid in report["fidelity_by_output"].items():
+            lines.append(f"    output {name}: nrmse {fid['nrmse']:.4f}, max abs {fid['max_abs']:.4g}")
     lines.append(f"  importance from {report['importance_data']}"
                  + ("; merged layers refit by least squares on it" if report.get("refit") else ""))
     lines.append(f"  {len(report['changes'])} changes:")

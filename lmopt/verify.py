@@ -42,6 +42,25 @@ def run_outputs(model_or_session, feeds: list[dict[str, np.ndarray]]) -> list[np
     return np.stack([sess.run(None, feed)[0] for feed in feeds])
 
 
+def run_all_outputs(model_or_session, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every graph output by name, each stacked over the feeds."""
+    sess = model_or_session if isinstance(model_or_session, ort.InferenceSession) else session(model_or_session)
+    names = [o.name for o in sess.get_outputs()]
+    runs = [sess.run(names, feed) for feed in feeds]
+    return {name: np.stack([r[i] for r in runs]) for i, name in enumerate(names)}
+
+
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, dict]:
+    """compare() for each graph output, by name (a missing or reshaped output is an error)."""
+    result = {}
+    for name, ref in reference.items():
+        if name not in candidate or candidate[name].shape != ref.shape:
+            got = list(candidate[name].shape) if name in candidate else "missing"
+            raise LmoptError(f"output {name!r} changed shape: {list(ref.shape)} -> {got}")
+        result[name] = compare(ref, candidate[name])
+    return result
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

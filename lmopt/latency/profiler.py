@@ -32,7 +32,7 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
     each new measurement is committed as soon as it is taken (Ctrl-C loses nothing timed).
     cache=None times without persistence. `signatures`, if given, is filled with block -> signature.
     """
-    from tqdm import tqdm
+    from ..progress import stage
 
     key = backend.cache_key()
     sig_of = {name: structural_signature(model) for name, model in blocks.items()}
@@ -50,7 +50,7 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
             hits += 1
         else:
             todo[sig] = blocks[name]
-    with tqdm(total=len(todo), desc=desc, unit="block", disable=not progress, leave=False) as bar:
+    with stage(total=len(todo), desc=desc, unit="block", enabled=progress) as bar:
         bar.set_postfix_str(f"{len(sig_of)} blocks, {len(ms_of) + len(todo)} distinct, {hits} cached")
         for sig, model in todo.items():
             ms = backend.measure(model)
