@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import LmoptError
-from .onnxio import graph_inputs, load_model, max_ir_version, runtime_compatible
+from .onnxio import graph_inputs, load_model, max_ir_version, random_feed, runtime_compatible
 
 # Newest default-domain opset this onnx build knows; newer models cannot be checked or run here.
 MAX_KNOWN_OPSET = onnx.defs.onnx_opset_version()
@@ -119,6 +119,64 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LmoptError(f"shape inference failed: {first}") from None
+
+
+def _shape_known(value_info: onnx.ValueInfoProto) -> bool:
+    tensor = value_info.type.tensor_type
+    return (value_info.type.HasField("tensor_type") and tensor.HasField("shape")
+            and all(d.HasField("dim_value") for d in tensor.shape.dim))
+
+
+def fill_missing_shapes(model: onnx.ModelProto) -> int:
+    """Shapes onnx inference leaves unknown (ops it has no inference for, Paddle's reshapes), taken
+    from one onnxruntime run of the model with those tensors as extra outputs; returns how many.
+    The model's inputs must be static. Shapes ORT cannot give either stay unknown."""
+    import onnxruntime as ort
+
+    known = {vi.name for vi in [*model.graph.value_info, *model.graph.input] if _shape_known(vi)}
+    known |= {t.name for t in model.graph.initializer}
+    missing = list(dict.fromkeys(t for n in model.graph.node for t in n.output if t and t not in known))
+    if not missing:
+        return 0
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing if name not in outputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(runtime_compatible(probe).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        values = session.run(missing, random_feed(model, np.random.default_rng(0)))
+    except Exception:  # noqa: BLE001 - without ORT's help the shapes stay unknown, as before
+        return 0
+    by_name = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
+    for name, value in zip(missing, values):
+        value = np.asarray(value)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        filled = onnx.helper.make_tensor_value_info(name, elem, list(value.shape))
+        if name in by_name:
+            by_name[name].type.CopyFrom(filled.type)
+        else:
+            model.graph.value_info.append(filled)
+    return len(missing)
+
+
+def check_conv_sizes(graph: gs.Graph) -> None:
+    """A Conv whose output would be empty passes onnx shape inference, but onnxruntime refuses it."""
+    for node in graph.nodes:
+        if node.op != "Conv" or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+            continue
+        spatial = list(node.inputs[0].shape or [])[2:]
+        kernel = list(node.attrs.get("kernel_shape") or (node.inputs[1].shape or [])[2:])
+        if not spatial or len(kernel) != len(spatial) or not all(isinstance(v, int) for v in spatial + kernel):
+            continue
+        n = len(kernel)
+        pads = node.attrs.get("pads", [0] * 2 * n)
+        dilations = node.attrs.get("dilations", [1] * n)
+        for i in range(n):
+            if spatial[i] + pads[i] + pads[i + n] < dilations[i] * (kernel[i] - 1) + 1:
+                raise LmoptError(f"Conv {node.name or '?'}: its {'x'.join(map(str, kernel))} kernel gives an empty "
+                                 f"output on its {'x'.join(map(str, spatial))} input (onnxruntime cannot run it)")
 
 
 def remove_passthrough_nodes(graph: gs.Graph) -> int:
@@ -240,6 +298,7 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
     fix_input_shapes(model, dict(input_shapes or {}))
     model = infer_shapes(model)
     graph = to_graph(model)
+    check_conv_sizes(graph)
     steps = {"nodes_in": len(graph.nodes)}
     try:
         graph.fold_constants(error_ok=True)
@@ -250,5 +309,6 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
     steps["batchnorm_folded"] = fold_batchnorms(graph)
     unique_node_names(graph)
     model = infer_shapes(to_model(graph, like=model))
+    steps["shapes_from_onnxruntime"] = fill_missing_shapes(model)
     steps["nodes_out"] = len(model.graph.node)
     return model, steps

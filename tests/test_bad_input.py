@@ -62,7 +62,8 @@ def relu_chain(path: Path, channels: int = 4, size: int = 8, layers: int = 3, ex
     nodes, inits, cur = [], [], "x"
     for i in range(layers):
         cin = 3 if i == 0 else channels
-        inits += [f32(f"W{i}", rng.standard_normal((channels, cin, 3, 3)) * 0.3), f32(f"B{i}", rng.standard_normal(channels))]
+        inits += [f32(f"W{i}", rng.standard_normal((channels, cin, 3, 3)) * 0.3),
+                  f32(f"B{i}", rng.standard_normal(channels))]
         nodes += [helper.make_node("Conv", [cur, f"W{i}", f"B{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
                   helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
         cur = f"r{i}"
@@ -341,3 +342,55 @@ def test_second_ctrl_c_exits_cleanly(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert err.strip() == "lmopt inspect: interrupted", err
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def shapeless_dense(path: Path) -> Path:
+    """MatMul -> com.microsoft Gelu (no onnx shape inference) -> MatMul + bias -> MatMul: onnx leaves
+    the last layers without shapes, as on Paddle-exported OCR models."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"], name="mm1"),
+             helper.make_node("Gelu", ["a"], ["g"], domain="com.microsoft", name="gelu"),
+             helper.make_node("MatMul", ["g", "W2"], ["b"], name="mm2"),
+             helper.make_node("Add", ["b", "B2"], ["c"], name="add2"),
+             helper.make_node("MatMul", ["c", "W3"], ["y"], name="mm3")]
+    inits = [f32("W1", rng.standard_normal((8, 16))), f32("W2", rng.standard_normal((16, 12))),
+             f32("B2", rng.standard_normal(12)), f32("W3", rng.standard_normal((12, 6)))]
+    graph = helper.make_graph(nodes, "shapeless", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 3)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(runtime_compatible(model), str(path))
+    return path
+
+
+def test_shapeless_layers_get_shapes_from_onnxruntime(tmp_path, capfd):
+    path = shapeless_dense(tmp_path / "m.onnx")
+    code, out, err = call(["inspect", path], capfd)  # used to be an IndexError in layer_text
+    assert code == 0 and err == "", err
+    assert "matmul 16->12" in out and "matmul 12->6" in out and "shapes from an onnxruntime run" in out
+    code, out, err = call(["merge", path, "-o", tmp_path / "o.onnx", "--json"], capfd)  # used to be a TypeError
+    assert code == 0 and err == "", err
+    report = json.loads(out)
+    assert [r["layers"] for r in report["merged"]] == [["mm2", "mm3"]] and report["verified"]
+
+
+def test_conv_with_an_empty_output_is_named(tmp_path, capfd):
+    """onnx shape inference accepts a 3x3 conv on a 2x2 map with stride-2 steps before it; ORT refuses it."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2], name="c1"),
+             helper.make_node("Conv", ["a", "W2"], ["b"], strides=[2, 2], group=2, name="c2"),
+             helper.make_node("Conv", ["b", "W3"], ["y"], strides=[2, 2], group=2, name="c3")]
+    inits = [f32("W1", rng.standard_normal((8, 3, 5, 5))), f32("W2", rng.standard_normal((8, 4, 3, 3))),
+             f32("W3", rng.standard_normal((8, 4, 3, 3)))]
+    graph = helper.make_graph(nodes, "empty", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(runtime_compatible(helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])),
+              str(path))
+    for argv in (["inspect", path], ["merge", path, "-o", tmp_path / "o.onnx"]):
+        code, out, err = call(argv, capfd)
+        assert_one_line_error(code, out, err, "Conv c3", "empty output", "2x2")
+    assert not (tmp_path / "o.onnx").exists()

@@ -32,6 +32,11 @@ def default_cache_path() -> Path:
     return default_cache_dir() / "latency.sqlite"
 
 
+def _is_sqlite_file(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(16) == b"SQLite format 3\x00"
+
+
 def key_text(cache_key: dict) -> str:
     """The canonical text of a backend's cache_key()."""
     return json.dumps(cache_key, sort_keys=True, separators=(",", ":"))
@@ -47,8 +52,10 @@ class LatencyCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self._open(timeout)
-            except sqlite3.DatabaseError as exc:  # a damaged or foreign file: keep it, start afresh
+            except sqlite3.DatabaseError as exc:  # a damaged sqlite file: keep it aside, start afresh
                 self.close()
+                if not _is_sqlite_file(self.path):
+                    raise  # someone else's file: refused below, never moved
                 aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.path, aside)
                 print(f"lmopt: the latency cache {self.path} was damaged ({str(exc).splitlines()[0]}); moved it to "
