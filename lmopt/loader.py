@@ -4,8 +4,8 @@ Canonical form: static input shapes, shapes inferred for every tensor, constants
 (onnx-graphsurgeon's folder, which runs onnxruntime), Identity/Dropout removed, every
 BatchNormalization that follows a Conv folded into it with the node's own epsilon, and what
 exporters write around layers made plain (lmopt.passes.canonical: auto_pad, zero Pad before a
-Conv, per-channel Mul/Add after one, Gemm alpha/beta/transA). Shapes onnx cannot infer come from
-one onnxruntime run.
+Conv, per-channel Mul/Add after one, Gemm alpha/beta/transA, Reshape and Transpose round trips).
+Shapes onnx cannot infer come from one onnxruntime run.
 """
 from __future__ import annotations
 
@@ -294,7 +294,8 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
 def canonicalise(source: str | os.PathLike | onnx.ModelProto,
                  input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Load and canonicalise; returns the model and a dict of what was done (for reports)."""
-    from .passes.canonical import fold_channel_affine, fold_pads_into_convs, normalise_gemms, resolve_auto_pad
+    from .passes.canonical import (cancel_layout_round_trips, fold_channel_affine, fold_pads_into_convs,
+                                   normalise_gemms, resolve_auto_pad)
 
     model = source if isinstance(source, onnx.ModelProto) else load_model(source)
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's object
@@ -317,6 +318,7 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
     steps["batchnorm_folded"] = fold_batchnorms(graph)
     steps["channel_affine_folded"] = fold_channel_affine(graph)
     steps["gemm_normalised"] = normalise_gemms(graph)
+    steps["layout_round_trips_removed"] = cancel_layout_round_trips(graph)
     unique_node_names(graph)
     model = infer_shapes(to_model(graph, like=model))
     steps["shapes_from_onnxruntime"] = fill_missing_shapes(model)

@@ -201,3 +201,49 @@ def test_gemm_alpha_beta_trans_a_are_made_plain(alpha, beta, trans_a, trans_b, c
     analysis = analyse(canon)
     assert not analysis.unsupported and sum(len(c) for c in analysis.chains) == 2
     same_outputs(model, canon, x_shape)
+
+
+# --------------------------------------------------------------------------- wrapped MatMul / Gemm
+
+
+def test_reshape_wrapped_matmuls_become_one_chain():
+    """(1, 4, 8) -> Reshape (4, 8) -> MatMul -> Reshape (1, 4, 16) -> Flatten-like Reshape (4, 16) -> MatMul."""
+    rng = np.random.default_rng(5)
+    inits = [i64("s2", [4, -1]), i64("s3", [1, 4, 16]), i64("s3b", [1, 4, 6]),
+             f32("W1", rng.standard_normal((8, 16))), f32("W2", rng.standard_normal((16, 6))),
+             f32("b2", rng.standard_normal(6))]
+    nodes = [helper.make_node("Reshape", ["x", "s2"], ["r1"]), helper.make_node("MatMul", ["r1", "W1"], ["m1"]),
+             helper.make_node("Reshape", ["m1", "s3"], ["r2"]), helper.make_node("Reshape", ["r2", "s2"], ["r3"]),
+             helper.make_node("MatMul", ["r3", "W2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["a2"]),
+             helper.make_node("Reshape", ["a2", "s3b"], ["y"])]
+    model = model_of(nodes, inits, (1, 4, 8), y_rank=3)
+    canon, steps = canonicalise(model)
+    assert steps["layout_round_trips_removed"] >= 1
+    assert [len(c) for c in analyse(canon).chains] == [2]
+    same_outputs(model, canon, (1, 4, 8))
+
+
+def test_transpose_wrapped_matmuls_become_one_chain():
+    """(1, C, T) -> Transpose -> MatMul -> Transpose, twice (channels-first token mixers)."""
+    rng = np.random.default_rng(6)
+    inits = [f32("W1", rng.standard_normal((6, 10))), f32("W2", rng.standard_normal((10, 6)))]
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=[0, 2, 1]), helper.make_node("MatMul", ["t1", "W1"], ["m1"]),
+             helper.make_node("Transpose", ["m1"], ["t2"], perm=[0, 2, 1]),
+             helper.make_node("Transpose", ["t2"], ["t3"], perm=[0, 2, 1]), helper.make_node("MatMul", ["t3", "W2"], ["m2"]),
+             helper.make_node("Transpose", ["m2"], ["y"], perm=[0, 2, 1])]
+    model = model_of(nodes, inits, (1, 6, 5), y_rank=3)
+    canon, steps = canonicalise(model)
+    assert steps["layout_round_trips_removed"] == 1
+    assert [len(c) for c in analyse(canon).chains] == [2]
+    same_outputs(model, canon, (1, 6, 5))
+
+
+def test_transposes_that_do_not_cancel_stay():
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["t1"], ["t2"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["t2", "W"], ["y"])]
+    model = model_of(nodes, [f32("W", rng.standard_normal((5, 3)))], (1, 3, 5, 4))
+    canon, steps = canonicalise(model)
+    assert steps["layout_round_trips_removed"] == 0
+    same_outputs(model, canon, (1, 3, 5, 4))

@@ -4,7 +4,8 @@
 - a constant zero Pad before Convs -> the Convs' own pads (TF-style "same" padding, tf2onnx, timm tf_);
 - a per-channel constant Mul / Div / Add / Sub after a Conv -> the Conv's weight and bias
   (BatchNormalization written as Mul + Add, layer scales);
-- Gemm alpha / beta folded into constant B / C; transA=1 -> an explicit Transpose and transA=0.
+- Gemm alpha / beta folded into constant B / C; transA=1 -> an explicit Transpose and transA=0;
+- Reshape/Flatten round trips and inverse Transpose pairs between layers bypassed.
 
 Each function takes an onnx-graphsurgeon graph with shapes, changes it in place and returns how
 many rewrites it made.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..loader import constant_values
+from ..loader import constant_values, replace_uses
 
 
 def _static(values) -> bool:
@@ -190,3 +191,38 @@ def normalise_gemms(graph: gs.Graph) -> int:
             touched = True
         changed += touched
     return changed
+
+
+SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def cancel_layout_round_trips(graph: gs.Graph) -> int:
+    """Reshape/Flatten/Squeeze/Unsqueeze runs that end in the shape they started from, and Transpose
+    pairs that compose to the identity, are bypassed: layers wrapped in them (x -> Reshape -> MatMul
+    -> Reshape -> Reshape -> MatMul, Transpose -> MatMul -> Transpose on each side) become adjacent."""
+    outputs = {id(t) for t in graph.outputs}
+    bypassed = 0
+    for node in list(graph.nodes):
+        if not node.outputs or id(node.outputs[0]) in outputs or not node.outputs[0].outputs:
+            continue
+        end = node.outputs[0]
+        start = None
+        if node.op == "Transpose":
+            inner = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
+            if inner is not None and inner.op == "Transpose":
+                outer_perm, inner_perm = node.attrs.get("perm"), inner.attrs.get("perm")
+                if outer_perm is not None and inner_perm is not None and \
+                        [inner_perm[p] for p in outer_perm] == list(range(len(outer_perm))):
+                    start = inner.inputs[0]
+        elif node.op in SHAPE_OPS and end.shape is not None and _static(list(end.shape)):
+            current = node.inputs[0]
+            while current.shape is not None and list(current.shape) != list(end.shape):
+                if len(current.inputs) != 1 or current.inputs[0].op not in SHAPE_OPS:
+                    break
+                current = current.inputs[0].inputs[0]
+            if current is not node.inputs[0] and current.shape is not None and list(current.shape) == list(end.shape):
+                start = current
+        if start is not None:
+            replace_uses(end, start)
+            bypassed += 1
+    return bypassed
