@@ -101,17 +101,28 @@ def check_writable(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+# Models larger than this are written with their weights in PATH.data (protobuf stops at 2 GiB).
+EXTERNAL_DATA_BYTES = 1_900_000_000
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write atomically, at an IR version the installed onnxruntime accepts; models past protobuf's
-    2 GiB limit get their weights in PATH.data beside them."""
+    2 GiB limit get their weights in PATH.data beside them (written first, also atomically)."""
     path = Path(path)
     runtime_compatible(model)
-    with atomic_target(path) as tmp:
-        if model.ByteSize() > 1_900_000_000:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data")
-        else:
+    if model.ByteSize() <= EXTERNAL_DATA_BYTES:
+        with atomic_target(path) as tmp:
             onnx.save_model(model, tmp)
+        return path
+    external = onnx.ModelProto()
+    external.CopyFrom(model)  # saving moves the weights out of the proto it is given
+    data = path.with_name(path.name + ".data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
+        onnx.save_model(external, str(Path(folder) / path.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name, size_threshold=0)
+        os.replace(Path(folder) / data.name, data)  # the weights first: the model file appears last
+        os.replace(Path(folder) / path.name, path)
     return path
 
 

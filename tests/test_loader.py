@@ -291,3 +291,31 @@ def test_caller_model_is_not_modified():
     before = model.SerializeToString()
     canonicalise(model, parse_input_shapes(["images:1,3,32,32"]))
     assert model.SerializeToString() == before
+
+
+def test_large_models_are_written_with_external_data(tmp_path, monkeypatch, capfd):
+    """The > 2 GB path at a lowered threshold: `lmopt merge` reads a model whose weights are external
+    and writes its result with the weights in OUT.data; the written model loads and runs."""
+    from lmopt import onnxio
+    from lmopt.cli import main
+
+    rng = np.random.default_rng(12)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Conv", ["a", "W2"], ["y"])]
+    model = model_of(nodes, [f32("W1", rng.standard_normal((8, 3, 3, 3))), f32("W2", rng.standard_normal((6, 8, 1, 1)))],
+                     ir_version=8)
+    source = tmp_path / "in.onnx"
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(source), save_as_external_data=True,
+                    location="in.onnx.data", size_threshold=0)
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_BYTES", 500)
+    out = tmp_path / "out" / "merged.onnx"
+    assert main(["merge", str(source), "-o", str(out)]) == 0, capfd.readouterr().err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged.onnx", "merged.onnx.data"]  # no temp left
+    stored = onnx.load(str(out), load_external_data=False)
+    assert any(i.data_location == TensorProto.EXTERNAL for i in stored.graph.initializer)
+    assert out.stat().st_size < 500 < (out.parent / "merged.onnx.data").stat().st_size
+    x = sample((1, 3, 8, 8))
+    assert_close(run(onnx.load(str(out)), x), run(model, x), TOL)
+    # the in-memory model handed to save_model keeps its weights
+    kept = onnx.ModelProto.FromString(model.SerializeToString())
+    onnxio.save_model(kept, tmp_path / "again.onnx")
+    assert all(i.data_location != TensorProto.EXTERNAL and i.raw_data for i in kept.graph.initializer)
