@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import analyse
 from ..candidates import merge_runs
+from ..dynamic import keep_dynamic_batch
 from ..errors import LmoptError
 from ..onnxio import check_writable, save_model
 from ..passes.apply import apply_candidates
@@ -58,14 +59,15 @@ def run(args) -> int:
     merged, chosen, skipped = merge_model(model, args.allow_inexact)
     report = {"merged": chosen, "left_alone": skipped}
     if not chosen:  # still write -o, so that `lmopt merge in.onnx -o out.onnx && deploy out.onnx` works
-        save_model(model, args.output)
+        written, report["batch"] = keep_dynamic_batch(model, args.model)
+        save_model(written, args.output)
         if args.json:
             print_json(report | {"output": args.output, "verified": True})
         else:
             print(f"{args.model}: nothing to merge" + (
                 f" exactly ({len(skipped)} runs would be inexact at padded borders: --allow-inexact merges them)"
                 if skipped else " (no run of linear layers without an activation between them)")
-                + f"; wrote {args.output} unchanged (canonical form)")
+                + f"; wrote {args.output} unchanged (canonical form, {report['batch']})")
         return 0
     feeds = random_inputs(model, args.samples)
     by_output = compare_outputs(run_all_outputs(model, feeds), run_all_outputs(merged, feeds))
@@ -76,7 +78,8 @@ def run(args) -> int:
     all_exact = all(r["exact"] for r in chosen)
     failed = all_exact and worst["max_rel"] > EXACT_TOLERANCE
     if not failed:
-        save_model(merged, args.output)
+        written, report["batch"] = keep_dynamic_batch(merged, args.model)
+        save_model(written, args.output)
     if args.json:
         print_json(report | {"output": None if failed else args.output, "verified": not failed})
     else:
@@ -95,5 +98,5 @@ def run(args) -> int:
         raise LmoptError(f"verification failed: merged outputs differ by {worst['max_rel']:.3g} "
                          f"(> {EXACT_TOLERANCE}); nothing written")
     if not args.json:
-        print(f"wrote {args.output}")
+        print(f"wrote {args.output} ({report['batch']})")
     return 0

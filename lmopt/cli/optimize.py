@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..calib import Preprocess, parse_floats
+from ..dynamic import keep_dynamic_batch
 from ..errors import LmoptError
 from ..latency.base import BACKENDS
 from ..latency.cache import LatencyCache
@@ -104,6 +105,7 @@ def run(args) -> int:
                              "(--best-effort writes that plan)")
         print(f"lmopt optimize: target {target:g}x is out of reach: {reached}; writing it (--best-effort)",
               file=sys.stderr)
+    model, report["batch"] = keep_dynamic_batch(model, args.model)
     save_model(model, output)
     report["output"] = str(output)
     if args.json:
@@ -113,5 +115,5 @@ def run(args) -> int:
             atomic_write_text(args.json, json.dumps(report, indent=2, default=str) + "\n")
     if not quiet_json:
         print(format_report(report))
-        print(f"wrote {output}")
+        print(f"wrote {output} ({report['batch']})")
     return 0
