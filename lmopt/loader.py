@@ -130,6 +130,9 @@ def _shape_known(value_info: onnx.ValueInfoProto) -> bool:
             and all(d.HasField("dim_value") for d in tensor.shape.dim))
 
 
+DATA_DEPENDENT_OPS = {"NonZero", "Unique", "NonMaxSuppression", "Compress", "TopK", "Range", "Loop", "If", "Scan"}
+
+
 def fill_missing_shapes(model: onnx.ModelProto) -> int:
     """Shapes onnx inference leaves unknown (ops it has no inference for, Paddle's reshapes), taken
     from one onnxruntime run of the model with those tensors as extra outputs; returns how many.
@@ -138,7 +141,12 @@ def fill_missing_shapes(model: onnx.ModelProto) -> int:
 
     known = {vi.name for vi in [*model.graph.value_info, *model.graph.input] if _shape_known(vi)}
     known |= {t.name for t in model.graph.initializer}
-    missing = list(dict.fromkeys(t for n in model.graph.node for t in n.output if t and t not in known))
+    varying: set[str] = set()  # shapes that depend on the data: one run cannot tell them
+    for node in model.graph.node:  # topological order
+        if node.op_type in DATA_DEPENDENT_OPS or any(t in varying for t in node.input):
+            varying.update(node.output)
+    missing = list(dict.fromkeys(t for n in model.graph.node for t in n.output
+                                 if t and t not in known and t not in varying))
     if not missing:
         return 0
     probe = onnx.ModelProto.FromString(model.SerializeToString())

@@ -149,12 +149,12 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capfd, cache_dir, mo
     assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "report.json").exists()
 
 
-@pytest.mark.parametrize("tool", ["merge", "profile"])
-def test_merge_and_profile_check_their_output_first(tmp_path, capfd, cache_dir, tool):
+@pytest.mark.parametrize("tool,extra", [("merge", "--json"), ("profile", "-q"), ("build", "--no-measure")])
+def test_merge_profile_and_build_check_their_output_first(tmp_path, capfd, cache_dir, tool, extra):
     model = linear_pair(tmp_path / "m.onnx")
     folder = tmp_path / "adir"
     folder.mkdir()
-    code, out, err = call([tool, model, "-o", folder, "-q" if tool == "profile" else "--json"], capfd)
+    code, out, err = call([tool, model, "-o", folder, extra], capfd)
     assert_one_line_error(code, out, err, "is a directory")
     assert list(folder.iterdir()) == []
 

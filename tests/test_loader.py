@@ -319,3 +319,24 @@ def test_large_models_are_written_with_external_data(tmp_path, monkeypatch, capf
     kept = onnx.ModelProto.FromString(model.SerializeToString())
     onnxio.save_model(kept, tmp_path / "again.onnx")
     assert all(i.data_location != TensorProto.EXTERNAL and i.raw_data for i in kept.graph.initializer)
+
+
+def test_missing_shapes_come_from_one_run_except_data_dependent_ones():
+    from lmopt.loader import fill_missing_shapes, infer_shapes
+
+    nodes = [helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),  # no onnx shape inference
+             helper.make_node("NonZero", ["x"], ["nz"]),                      # (2, number of non-zeros)
+             helper.make_node("Cast", ["nz"], ["y"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["g"], ["r"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None]),
+                               helper.make_tensor_value_info("r", TensorProto.FLOAT, [None, None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    model = infer_shapes(model)
+    assert fill_missing_shapes(model) == 2  # g and r; nz and y vary with the data
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in [*model.graph.value_info, *model.graph.output]}
+    assert shapes["g"] == [1, 4] and shapes["r"] == [1, 4]
+    assert shapes["y"] == [2, None] and shapes.get("nz", [2, None]) == [2, None]
