@@ -1,10 +1,11 @@
 """Random linear-layer graphs for fuzzing the merge (tests/test_fuzz.py), seeded numpy only.
 
 Each graph is a run of layers with no activation between them, so everything in it is a merge
-candidate: convs over kernel, stride, padding (symmetric or not), dilation and groups (dense,
-grouped after dense, depthwise), an optional residual (identity or 1x1 projection) over the run,
-an optional ReLU that splits it, and dense tails (Flatten + Gemm with transB/alpha/beta, or
-MatMul + bias Add on tokens).
+candidate: convs over kernel, stride, padding (symmetric or not, as pads, auto_pad or a zero Pad
+node), dilation and groups (dense, grouped after dense, depthwise), per-channel Mul + Add after a
+conv, an optional residual (identity or 1x1 projection) over the run, an optional ReLU that splits
+it, and dense tails (Flatten + Gemm with transA/transB/alpha/beta, or MatMul + bias Add on tokens,
+maybe inside a Reshape round trip).
 """
 from __future__ import annotations
 
@@ -49,7 +50,15 @@ def random_conv(b: GraphBuilder, x: str, cin: int, size: tuple[int, int],
     pads = [int(rng.integers(0, extent // 2 + 2)) if rng.random() < 0.6 else 0 for _ in range(4)]
     if rng.random() < 0.5:
         pads[2:] = pads[:2]  # symmetric, as most exporters write
-    out_size = tuple((size[i] + pads[i] + pads[i + 2] - extent) // stride + 1 for i in range(2))
+    auto_pad = str(rng.choice(["SAME_UPPER", "SAME_LOWER", "VALID"])) if rng.random() < 0.1 else "NOTSET"
+    if auto_pad.startswith("SAME") and dilation > 1:
+        auto_pad = "NOTSET"  # onnxruntime runs no dilated SAME conv
+    if auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    if auto_pad.startswith("SAME"):
+        out_size = tuple(-(-size[i] // stride) for i in range(2))
+    else:
+        out_size = tuple((size[i] + pads[i] + pads[i + 2] - extent) // stride + 1 for i in range(2))
     if min(out_size) < 1:
         return None
     group = 1
@@ -59,13 +68,22 @@ def random_conv(b: GraphBuilder, x: str, cin: int, size: tuple[int, int],
         cout = group * int(rng.integers(1, 3)) if group == cin else 2 * int(rng.integers(1, 4))
         if cout % group:
             cout = group
+    if auto_pad == "NOTSET" and any(pads) and rng.random() < 0.2:  # TF-style: the padding as a Pad node
+        amounts = b.name("pads")
+        b.inits.append(numpy_helper.from_array(np.array([0, 0, *pads[:2], 0, 0, *pads[2:]], np.int64), amounts))
+        x, pads = b.node("Pad", [x, amounts]), [0, 0, 0, 0]
     inputs = [x, b.weight((cout, cin // group, kernel, kernel), cin // group * kernel * kernel)]
     if rng.random() < 0.8:
         bias = b.name("b")
         b.inits.append(_f32(bias, rng.standard_normal(cout)))
         inputs.append(bias)
-    out = b.node("Conv", inputs, kernel_shape=[kernel, kernel], strides=[stride, stride], pads=pads,
-                 dilations=[dilation, dilation], group=group)
+    placement = {"pads": pads} if auto_pad == "NOTSET" else {"auto_pad": auto_pad}
+    out = b.node("Conv", inputs, kernel_shape=[kernel, kernel], strides=[stride, stride],
+                 dilations=[dilation, dilation], group=group, **placement)
+    if rng.random() < 0.15:  # BatchNormalization as exporters sometimes spell it: Mul + Add per channel
+        scale, shift = b.name("scale"), b.name("shift")
+        b.inits += [_f32(scale, rng.uniform(0.5, 1.5, (1, cout, 1, 1))), _f32(shift, rng.standard_normal((cout, 1, 1)))]
+        out = b.node("Add", [shift, b.node("Mul", [out, scale])])
     return out, cout, out_size
 
 
@@ -104,14 +122,26 @@ def dense_tail(b: GraphBuilder, x: str, features: int, rows: int | None) -> str:
                 bias = b.name("c")
                 b.inits.append(_f32(bias, rng.standard_normal((1, out) if rng.random() < 0.5 else out)))
                 inputs.append(bias)
-            cur = b.node("Gemm", inputs, transB=trans_b, alpha=float(rng.choice([1.0, 0.5, 2.0])),
-                         beta=float(rng.choice([1.0, 0.5])))
-        else:  # MatMul (+ bias Add) on (1, rows, features)
+            trans_a = int(rng.random() < 0.2)  # A given transposed: Transpose, then Gemm transA=1
+            if trans_a:
+                inputs[0] = b.node("Transpose", [cur], perm=[1, 0])
+            cur = b.node("Gemm", inputs, transA=trans_a, transB=trans_b,
+                         alpha=float(rng.choice([1.0, 0.5, 2.0])), beta=float(rng.choice([1.0, 0.5])))
+        else:  # MatMul (+ bias Add) on (1, rows, features), maybe wrapped in a Reshape round trip
+            wrapped = rng.random() < 0.25
+            if wrapped:
+                flat = b.name("shape")
+                b.inits.append(numpy_helper.from_array(np.array([rows, features], np.int64), flat))
+                cur = b.node("Reshape", [cur, flat])
             cur = b.node("MatMul", [cur, b.weight((features, out), features)])
             if rng.random() < 0.7:
                 bias = b.name("c")
                 b.inits.append(_f32(bias, rng.standard_normal(out)))
                 cur = b.node("Add", [cur, bias])
+            if wrapped:
+                back = b.name("shape")
+                b.inits.append(numpy_helper.from_array(np.array([1, rows, out], np.int64), back))
+                cur = b.node("Reshape", [cur, back])
         features = out
     return cur
 

@@ -6,8 +6,8 @@ graphs over its runs); LMOPT_FUZZ_SEED and LMOPT_FUZZ_COUNT pin and scale it. A 
 the seed of the graph that reproduces it.
 
 What must hold: no exception other than a one-line LmoptError; a merge reported exact matches the
-original within TOL (max |diff| / max |output|, float32); a merge reported inexact keeps the
-output's shape and stays finite.
+original (the exporter's spelling, before canonicalisation) within TOL (max |diff| / max |output|,
+float32); a merge reported inexact keeps the output's shape and stays finite.
 """
 from __future__ import annotations
 
@@ -111,7 +111,9 @@ def test_generator_covers_what_it_claims():
         model, _ = random_graph(seed)
         for node in model.graph.node:
             attrs = {a.name: onnx_attr(a) for a in node.attribute}
-            if node.op_type == "Conv":
+            if node.op_type == "Conv" and "auto_pad" in attrs:
+                seen.add(("auto_pad", attrs["auto_pad"].decode()))
+            elif node.op_type == "Conv" and "kernel_shape" in attrs:  # (not the 1x1 projections)
                 seen.add(("kernel", attrs["kernel_shape"][0]))
                 seen.add(("stride", attrs["strides"][0]))
                 seen.add(("dilation", attrs["dilations"][0]))
@@ -120,11 +122,14 @@ def test_generator_covers_what_it_claims():
                 seen.add(("grouped", attrs["group"] > 1))
             seen.add(("op", node.op_type))
             if node.op_type == "Gemm":
+                seen.add(("transA", attrs["transA"]))
                 seen.add(("transB", attrs["transB"]))
                 seen.add(("alpha", attrs["alpha"] != 1.0))
     for want in [("kernel", 1), ("kernel", 2), ("kernel", 5), ("stride", 2), ("dilation", 2), ("padded", True),
                  ("asymmetric", True), ("grouped", True), ("op", "Add"), ("op", "Relu"), ("op", "Gemm"),
-                 ("op", "MatMul"), ("op", "Flatten"), ("transB", 1), ("alpha", True)]:
+                 ("op", "MatMul"), ("op", "Flatten"), ("transB", 1), ("alpha", True), ("transA", 1), ("op", "Pad"),
+                 ("op", "Mul"), ("op", "Reshape"), ("auto_pad", "SAME_UPPER"), ("auto_pad", "SAME_LOWER"),
+                 ("auto_pad", "VALID")]:
         assert want in seen, want
 
 
