@@ -164,7 +164,8 @@ def random_graph(seed: int) -> tuple[onnx.ModelProto, tuple[int, ...]]:
             cur = dense_tail(b, cur, channels * spatial[0] * spatial[1], None)
     cur = b.node("Identity", [cur])
     rank = {"conv": 4, "conv+gemm": 2, "tokens": 3}[str(kind)]
-    graph = helper.make_graph(b.nodes, f"fuzz{seed}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+    graph = helper.make_graph(b.nodes, f"fuzz{seed}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [None] * rank)], b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
     return runtime_compatible(model), shape

@@ -227,9 +227,11 @@ def test_transpose_wrapped_matmuls_become_one_chain():
     """(1, C, T) -> Transpose -> MatMul -> Transpose, twice (channels-first token mixers)."""
     rng = np.random.default_rng(6)
     inits = [f32("W1", rng.standard_normal((6, 10))), f32("W2", rng.standard_normal((10, 6)))]
-    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=[0, 2, 1]), helper.make_node("MatMul", ["t1", "W1"], ["m1"]),
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t1", "W1"], ["m1"]),
              helper.make_node("Transpose", ["m1"], ["t2"], perm=[0, 2, 1]),
-             helper.make_node("Transpose", ["t2"], ["t3"], perm=[0, 2, 1]), helper.make_node("MatMul", ["t3", "W2"], ["m2"]),
+             helper.make_node("Transpose", ["t2"], ["t3"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t3", "W2"], ["m2"]),
              helper.make_node("Transpose", ["m2"], ["y"], perm=[0, 2, 1])]
     model = model_of(nodes, inits, (1, 6, 5), y_rank=3)
     canon, steps = canonicalise(model)

@@ -327,7 +327,8 @@ def batch_model(reshape_to=None):
         inits.append(numpy_helper.from_array(np.array(reshape_to, np.int64), "shape"))
         nodes.append(helper.make_node("Reshape", ["c", "shape"], ["y"]))
         out_dims = [None] * len(reshape_to)
-    graph = helper.make_graph(nodes, "batch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+    graph = helper.make_graph(nodes, "batch",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_dims)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

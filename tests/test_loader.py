@@ -300,9 +300,10 @@ def test_large_models_are_written_with_external_data(tmp_path, monkeypatch, capf
     from lmopt.cli import main
 
     rng = np.random.default_rng(12)
-    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Conv", ["a", "W2"], ["y"])]
-    model = model_of(nodes, [f32("W1", rng.standard_normal((8, 3, 3, 3))), f32("W2", rng.standard_normal((6, 8, 1, 1)))],
-                     ir_version=8)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "W2"], ["y"])]
+    inits = [f32("W1", rng.standard_normal((8, 3, 3, 3))), f32("W2", rng.standard_normal((6, 8, 1, 1)))]
+    model = model_of(nodes, inits, ir_version=8)
     source = tmp_path / "in.onnx"
     onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(source), save_as_external_data=True,
                     location="in.onnx.data", size_threshold=0)
