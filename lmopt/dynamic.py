@@ -5,11 +5,19 @@ import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from .onnxio import graph_inputs, random_feed
-from .verify import session
+from .onnxio import graph_inputs, random_feed, runtime_compatible
 
 TOLERANCE = 1e-4  # relative to the largest output magnitude
+
+
+def quiet_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session that logs nothing: a failure at another batch is an expected answer here."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    copy = runtime_compatible(onnx.ModelProto.FromString(model.SerializeToString()))
+    return ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def source_batch_names(source: str | os.PathLike) -> dict[str, str]:
@@ -49,12 +57,12 @@ def keep_dynamic_batch(model: onnx.ModelProto, source: str | os.PathLike) -> tup
     rng = np.random.default_rng(0)
     halves = [random_feed(model, rng), random_feed(model, rng)]
     try:
-        static_run = session(model)
+        static_run = quiet_session(model)
         expected = [np.concatenate(parts) for parts in zip(*(static_run.run(None, feed) for feed in halves))]
         doubled = {name: np.concatenate([feed[name] for feed in halves]) for name in halves[0]}
-        got = session(dynamic).run(None, doubled)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types: a batch is baked in
-        return model, f"batch kept at {batch}: the model does not run at another batch ({str(exc)[:120]})"
+        got = quiet_session(dynamic).run(None, doubled)
+    except Exception:  # noqa: BLE001 - onnxruntime's own error types: a shape is baked in
+        return model, f"batch kept at {batch}: a shape in the model fixes it (it does not run at batch {2 * batch})"
     for want, have in zip(expected, got):
         scale = max(float(np.abs(want).max()), 1e-12) if want.size else 1.0
         if want.shape != have.shape or float(np.abs(have - want).max()) > TOLERANCE * scale:
