@@ -5,7 +5,7 @@ candidate: convs over kernel, stride, padding (symmetric or not, as pads, auto_p
 node), dilation and groups (dense, grouped after dense, depthwise), per-channel Mul + Add after a
 conv, an optional residual (identity or 1x1 projection) over the run, an optional ReLU that splits
 it, and dense tails (Flatten + Gemm with transA/transB/alpha/beta, or MatMul + bias Add on tokens,
-maybe inside a Reshape round trip).
+maybe inside a Reshape round trip). Some graphs also output an intermediate tensor.
 """
 from __future__ import annotations
 
@@ -167,5 +167,9 @@ def random_graph(seed: int) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     graph = helper.make_graph(b.nodes, f"fuzz{seed}",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [None] * rank)], b.inits)
+    if rng.random() < 0.2 and len(b.nodes) > 2:  # an intermediate tensor that is a graph output too
+        inner = b.nodes[int(rng.integers(0, len(b.nodes) - 2))].output[0]
+        graph.output.append(helper.make_tensor_value_info(inner, TensorProto.FLOAT, None))
+        graph.output[-1].type.tensor_type.shape.SetInParent()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
     return runtime_compatible(model), shape
