@@ -206,14 +206,17 @@ def test_gemm_alpha_beta_trans_a_are_made_plain(alpha, beta, trans_a, trans_b, c
 # --------------------------------------------------------------------------- wrapped MatMul / Gemm
 
 
-def test_reshape_wrapped_matmuls_become_one_chain():
-    """(1, 4, 8) -> Reshape (4, 8) -> MatMul -> Reshape (1, 4, 16) -> Flatten-like Reshape (4, 16) -> MatMul."""
+@pytest.mark.parametrize("flatten", [False, True])
+def test_reshape_wrapped_matmuls_become_one_chain(flatten):
+    """(1, 4, 8) -> Reshape (4, 8) -> MatMul -> Reshape (1, 4, 16) -> Reshape or Flatten (4, 16) -> MatMul."""
     rng = np.random.default_rng(5)
     inits = [i64("s2", [4, -1]), i64("s3", [1, 4, 16]), i64("s3b", [1, 4, 6]),
              f32("W1", rng.standard_normal((8, 16))), f32("W2", rng.standard_normal((16, 6))),
              f32("b2", rng.standard_normal(6))]
+    back = (helper.make_node("Flatten", ["r2"], ["r3"], axis=2) if flatten
+            else helper.make_node("Reshape", ["r2", "s2"], ["r3"]))
     nodes = [helper.make_node("Reshape", ["x", "s2"], ["r1"]), helper.make_node("MatMul", ["r1", "W1"], ["m1"]),
-             helper.make_node("Reshape", ["m1", "s3"], ["r2"]), helper.make_node("Reshape", ["r2", "s2"], ["r3"]),
+             helper.make_node("Reshape", ["m1", "s3"], ["r2"]), back,
              helper.make_node("MatMul", ["r3", "W2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["a2"]),
              helper.make_node("Reshape", ["a2", "s3b"], ["y"])]
     model = model_of(nodes, inits, (1, 4, 8), y_rank=3)
