@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 import onnx_graphsurgeon as gs
 
 from ..analysis import analyse
