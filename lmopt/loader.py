@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import onnxio
 from .errors import LmoptError
 from .onnxio import graph_inputs, load_model, max_ir_version, random_feed, runtime_compatible
 
@@ -118,10 +120,25 @@ def check_not_quantized(model: onnx.ModelProto) -> None:
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        if model.ByteSize() <= onnxio.EXTERNAL_DATA_BYTES:
+            return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        with tempfile.TemporaryDirectory(prefix="lmopt-shapes-") as folder:  # past protobuf's 2 GiB: by file
+            source, target = os.path.join(folder, "in.onnx"), os.path.join(folder, "out.onnx")
+            onnxio.save_model(model, source)
+            onnx.shape_inference.infer_shapes_path(source, target, strict_mode=True, data_prop=True)
+            inferred = onnx.load(target, load_external_data=False)
+            onnx.external_data_helper.load_external_data_for_model(inferred, folder)
+            return inferred
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LmoptError(f"shape inference failed: {first}") from None
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy (CopyFrom, which also works past protobuf's 2 GiB serialisation limit)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _shape_known(value_info: onnx.ValueInfoProto) -> bool:
@@ -149,7 +166,7 @@ def fill_missing_shapes(model: onnx.ModelProto) -> int:
                                  if t and t not in known and t not in varying))
     if not missing:
         return 0
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe = copy_model(model)
     outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing if name not in outputs)
     options = ort.SessionOptions()
@@ -306,7 +323,7 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
                                    normalise_gemms, resolve_auto_pad)
 
     model = source if isinstance(source, onnx.ModelProto) else load_model(source)
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's object
+    model = copy_model(model)  # never touch the caller's object
     check_opsets(model)
     check_not_quantized(model)
     fix_input_shapes(model, dict(input_shapes or {}))

@@ -341,3 +341,20 @@ def test_missing_shapes_come_from_one_run_except_data_dependent_ones():
               for vi in [*model.graph.value_info, *model.graph.output]}
     assert shapes["g"] == [1, 4] and shapes["r"] == [1, 4]
     assert shapes["y"] == [2, None] and shapes.get("nz", [2, None]) == [2, None]
+
+
+def test_shape_inference_of_large_models_goes_through_a_file(monkeypatch):
+    """Past protobuf's 2 GiB, onnx infers shapes from a file with external data: the same answer."""
+    from lmopt import onnxio
+
+    model = conv_bn_model(1e-3, np.random.default_rng(13), ir_version=8)
+    small, _ = canonicalise(model)
+    calls = []
+    original = onnx.shape_inference.infer_shapes_path
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", lambda *a, **k: calls.append(a) or original(*a, **k))
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_BYTES", 100)
+    large, steps = canonicalise(model)
+    assert calls and steps["batchnorm_folded"] == 1
+    assert [vi.name for vi in large.graph.value_info] == [vi.name for vi in small.graph.value_info]
+    x = sample((1, 4, 8, 8))
+    assert_close(run(large, x), run(model, x), TOL)
