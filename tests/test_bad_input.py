@@ -224,8 +224,9 @@ def test_merge_with_nothing_to_merge_still_writes_the_output(tmp_path, capfd):
     out_path = tmp_path / "out.onnx"
     code, out, err = call(["merge", model, "-o", out_path], capfd)
     assert code == 0 and err == ""
-    assert "nothing to merge" in out and f"wrote {out_path}" in out
+    assert "nothing to merge" in out and f"wrote {out_path} as a copy of the input" in out
     assert digest(model) == before
+    assert onnx.load(str(out_path)).graph == onnx.load(str(model)).graph
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     ref = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
     np.testing.assert_allclose(ort.InferenceSession(str(out_path)).run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-6)

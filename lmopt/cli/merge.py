@@ -10,7 +10,7 @@ from ..analysis import analyse
 from ..candidates import merge_runs
 from ..dynamic import keep_dynamic_batch
 from ..errors import LmoptError
-from ..onnxio import check_writable, save_model
+from ..onnxio import check_writable, load_model, save_model
 from ..passes.apply import apply_candidates
 from ..passes.merge import BlockBuilder
 from ..verify import compare_outputs, format_op_table, op_table, random_inputs, run_all_outputs
@@ -62,15 +62,14 @@ def run(args) -> int:
     merged, chosen, skipped = merge_model(model, args.allow_inexact)
     report = {"merged": chosen, "left_alone": skipped}
     if not chosen:  # still write -o, so that `lmopt merge in.onnx -o out.onnx && deploy out.onnx` works
-        written, report["batch"] = keep_dynamic_batch(model, args.model)
-        save_model(written, args.output)
+        save_model(load_model(args.model), args.output)
         if args.json:
-            print_json(report | {"output": args.output, "verified": True})
+            print_json(report | {"output": args.output, "verified": True, "copy_of_input": True})
         else:
             print(f"{args.model}: nothing to merge" + (
                 f" exactly ({len(skipped)} runs would be inexact at padded borders: --allow-inexact merges them)"
                 if skipped else " (no run of linear layers without an activation between them)")
-                + f"; wrote {args.output} unchanged (canonical form, {report['batch']})")
+                + f"; wrote {args.output} as a copy of the input")
         return 0
     feeds = random_inputs(model, args.samples)
     reference = run_all_outputs(model, feeds)
