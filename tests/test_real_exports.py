@@ -47,3 +47,24 @@ def test_exact_merge_of_the_detector_verifies_despite_tiny_outputs(tmp_path, cap
     assert report["verification"]["max_abs"] < 1e-5
     model = onnx.load(str(out_path))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the source's dynamic batch
+
+
+@pytest.mark.parametrize("name", sorted(OCR_MODELS))
+def test_canonical_form_of_paddle_ocr_models_keeps_their_outputs(name):
+    """Per-channel Mul/Add folding, shape filling and the rest leave the real models' outputs alone
+    (float rounding only: 1e-4 of max(1, largest output))."""
+    import numpy as np
+
+    from lmopt.loader import canonicalise, parse_input_shapes
+    from lmopt.verify import run_all_outputs
+
+    original = onnx.load(str(ocr_model(name)))
+    canon, steps = canonicalise(original, parse_input_shapes([OCR_MODELS[name]]))
+    assert steps["channel_affine_folded"] > 0
+    shape = [int(v) for v in OCR_MODELS[name].split(":")[1].split(",")]
+    feeds = [{"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}]
+    original.graph.input[0].type.tensor_type.shape.dim[0].dim_value = shape[0]
+    want, got = run_all_outputs(original, feeds), run_all_outputs(canon, feeds)
+    for key, values in want.items():
+        scale = max(1.0, float(np.abs(values).max()))
+        assert float(np.abs(got[key] - values).max()) <= 1e-4 * scale, key
