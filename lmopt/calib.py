@@ -118,7 +118,11 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
             raise LmoptError(f"--calib {path}: {len(flat)} samples do not fill one batch of the model's input {list(shape)}")
         array = flat[:len(flat) - len(flat) % shape[0]].reshape((-1,) + tuple(shape))
         samples = list(array[:count] if count else array)
-    return [{name: np.asarray(s, dtype=dtype).reshape(shape)} for s in samples]
+    feeds = [{name: np.asarray(s, dtype=dtype).reshape(shape)} for s in samples]
+    bad = sum(1 for feed in feeds if not np.isfinite(feed[name]).all())
+    if bad:
+        raise LmoptError(f"--calib {path}: {bad} of {len(feeds)} samples hold NaN or infinite values")
+    return feeds
 
 
 # Samples used when the user gives no count: real data is worth using; random inputs only show

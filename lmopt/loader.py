@@ -2,19 +2,24 @@
 
 Canonical form: static input shapes, shapes inferred for every tensor, constants folded
 (onnx-graphsurgeon's folder, which runs onnxruntime), Identity/Dropout removed, every
-BatchNormalization that follows a Conv folded into it with the node's own epsilon.
+BatchNormalization that follows a Conv folded into it with the node's own epsilon, and what
+exporters write around layers made plain (lmopt.passes.canonical: auto_pad, zero Pad before a
+Conv, per-channel Mul/Add after one, Gemm alpha/beta/transA, Reshape and Transpose round trips).
+Shapes onnx cannot infer come from one onnxruntime run.
 """
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import onnxio
 from .errors import LmoptError
-from .onnxio import graph_inputs, load_model, max_ir_version, runtime_compatible
+from .onnxio import graph_inputs, load_model, max_ir_version, random_feed, runtime_compatible
 
 # Newest default-domain opset this onnx build knows; newer models cannot be checked or run here.
 MAX_KNOWN_OPSET = onnx.defs.onnx_opset_version()
@@ -94,12 +99,112 @@ def check_opsets(model: onnx.ModelProto) -> None:
         raise LmoptError(f"invalid ONNX model: {first}") from None
 
 
+# Ops of quantized graphs (QDQ, QOperator, integer ops; com.microsoft's QLinear* too).
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
+                 "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
+                 "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
+
+
+def check_not_quantized(model: onnx.ModelProto) -> None:
+    """A quantized model has integer weights lmopt cannot merge: say so instead of finding no chain."""
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    if found:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(found.items()))
+        raise LmoptError(f"the model is quantized ({ops}): lmopt compresses float models; run it on the float "
+                         "model and quantize afterwards")
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        if model.ByteSize() <= onnxio.EXTERNAL_DATA_BYTES:
+            return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        with tempfile.TemporaryDirectory(prefix="lmopt-shapes-") as folder:  # past protobuf's 2 GiB: by file
+            source, target = os.path.join(folder, "in.onnx"), os.path.join(folder, "out.onnx")
+            onnxio.save_model(model, source)
+            onnx.shape_inference.infer_shapes_path(source, target, strict_mode=True, data_prop=True)
+            inferred = onnx.load(target, load_external_data=False)
+            onnx.external_data_helper.load_external_data_for_model(inferred, folder)
+            return inferred
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LmoptError(f"shape inference failed: {first}") from None
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy (CopyFrom, which also works past protobuf's 2 GiB serialisation limit)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _shape_known(value_info: onnx.ValueInfoProto) -> bool:
+    tensor = value_info.type.tensor_type
+    return (value_info.type.HasField("tensor_type") and tensor.HasField("shape")
+            and all(d.HasField("dim_value") for d in tensor.shape.dim))
+
+
+DATA_DEPENDENT_OPS = {"NonZero", "Unique", "NonMaxSuppression", "Compress", "TopK", "Range", "Loop", "If", "Scan"}
+
+
+def fill_missing_shapes(model: onnx.ModelProto) -> int:
+    """Shapes onnx inference leaves unknown (ops it has no inference for, Paddle's reshapes), taken
+    from one onnxruntime run of the model with those tensors as extra outputs; returns how many.
+    The model's inputs must be static. Shapes ORT cannot give either stay unknown."""
+    import onnxruntime as ort
+
+    known = {vi.name for vi in [*model.graph.value_info, *model.graph.input] if _shape_known(vi)}
+    known |= {t.name for t in model.graph.initializer}
+    varying: set[str] = set()  # shapes that depend on the data: one run cannot tell them
+    for node in model.graph.node:  # topological order
+        if node.op_type in DATA_DEPENDENT_OPS or any(t in varying for t in node.input):
+            varying.update(node.output)
+    missing = list(dict.fromkeys(t for n in model.graph.node for t in n.output
+                                 if t and t not in known and t not in varying))
+    if not missing:
+        return 0
+    probe = copy_model(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing if name not in outputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure here is not the user's concern: the shapes stay unknown
+    try:
+        session = ort.InferenceSession(runtime_compatible(probe).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        values = session.run(missing, random_feed(model, np.random.default_rng(0)))
+    except Exception:  # noqa: BLE001 - without ORT's help the shapes stay unknown, as before
+        return 0
+    by_name = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
+    for name, value in zip(missing, values):
+        value = np.asarray(value)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        filled = onnx.helper.make_tensor_value_info(name, elem, list(value.shape))
+        if name in by_name:
+            by_name[name].type.CopyFrom(filled.type)
+        else:
+            model.graph.value_info.append(filled)
+    return len(missing)
+
+
+def check_conv_sizes(graph: gs.Graph) -> None:
+    """A Conv whose output would be empty passes onnx shape inference, but onnxruntime refuses it."""
+    for node in graph.nodes:
+        if node.op != "Conv" or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+            continue
+        spatial = list(node.inputs[0].shape or [])[2:]
+        kernel = list(node.attrs.get("kernel_shape") or (node.inputs[1].shape or [])[2:])
+        if not spatial or len(kernel) != len(spatial) or not all(isinstance(v, int) for v in spatial + kernel):
+            continue
+        n = len(kernel)
+        pads = node.attrs.get("pads", [0] * 2 * n)
+        dilations = node.attrs.get("dilations", [1] * n)
+        for i in range(n):
+            if spatial[i] + pads[i] + pads[i + n] < dilations[i] * (kernel[i] - 1) + 1:
+                raise LmoptError(f"Conv {node.name or '?'}: its {'x'.join(map(str, kernel))} kernel gives an empty "
+                                 f"output on its {'x'.join(map(str, spatial))} input (onnxruntime cannot run it)")
 
 
 def remove_passthrough_nodes(graph: gs.Graph) -> int:
@@ -214,12 +319,17 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
 def canonicalise(source: str | os.PathLike | onnx.ModelProto,
                  input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, dict]:
     """Load and canonicalise; returns the model and a dict of what was done (for reports)."""
+    from .passes.canonical import (cancel_layout_round_trips, fold_channel_affine, fold_pads_into_convs,
+                                   normalise_gemms, resolve_auto_pad)
+
     model = source if isinstance(source, onnx.ModelProto) else load_model(source)
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's object
+    model = copy_model(model)  # never touch the caller's object
     check_opsets(model)
+    check_not_quantized(model)
     fix_input_shapes(model, dict(input_shapes or {}))
     model = infer_shapes(model)
     graph = to_graph(model)
+    check_conv_sizes(graph)
     steps = {"nodes_in": len(graph.nodes)}
     try:
         graph.fold_constants(error_ok=True)
@@ -227,8 +337,15 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
         steps["fold_constants_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     graph.cleanup()
     steps["passthrough_removed"] = remove_passthrough_nodes(graph)
+    unique_node_names(graph)  # the rewrites below name new weights after their node
+    steps["auto_pad_resolved"] = resolve_auto_pad(graph)
+    steps["pad_folded"] = fold_pads_into_convs(graph)
     steps["batchnorm_folded"] = fold_batchnorms(graph)
+    steps["channel_affine_folded"] = fold_channel_affine(graph)
+    steps["gemm_normalised"] = normalise_gemms(graph)
+    steps["layout_round_trips_removed"] = cancel_layout_round_trips(graph)
     unique_node_names(graph)
     model = infer_shapes(to_model(graph, like=model))
+    steps["shapes_from_onnxruntime"] = fill_missing_shapes(model)
     steps["nodes_out"] = len(model.graph.node)
     return model, steps

@@ -48,6 +48,8 @@ def runtime_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX file with its external data; one clear LmoptError for anything that is not ONNX."""
     path = Path(path)
+    if path.is_dir():
+        raise LmoptError(f"{path}: is a directory, not an ONNX file")
     if not path.is_file():
         raise LmoptError(f"{path}: no such file")
     try:
@@ -79,17 +81,48 @@ def atomic_target(path: str | os.PathLike):
         raise
 
 
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """Fail now, before any work, when `path` cannot be written: it names a directory, or its
+    nearest existing folder is not a writable folder. Probes by creating and removing a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise LmoptError(f"{what} {path}: is a directory; give a file path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise LmoptError(f"{what} {path}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise LmoptError(f"{what} {path}: cannot write in {folder} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+# Models larger than this are written with their weights in PATH.data (protobuf stops at 2 GiB).
+EXTERNAL_DATA_BYTES = 1_900_000_000
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write atomically, at an IR version the installed onnxruntime accepts; models past protobuf's
-    2 GiB limit get their weights in PATH.data beside them."""
+    2 GiB limit get their weights in PATH.data beside them (written first, also atomically)."""
     path = Path(path)
     runtime_compatible(model)
-    with atomic_target(path) as tmp:
-        if model.ByteSize() > 1_900_000_000:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data")
-        else:
+    if model.ByteSize() <= EXTERNAL_DATA_BYTES:
+        with atomic_target(path) as tmp:
             onnx.save_model(model, tmp)
+        return path
+    external = onnx.ModelProto()
+    external.CopyFrom(model)  # saving moves the weights out of the proto it is given
+    data = path.with_name(path.name + ".data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
+        onnx.save_model(external, str(Path(folder) / path.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name, size_threshold=0)
+        os.replace(Path(folder) / data.name, data)  # the weights first: the model file appears last
+        os.replace(Path(folder) / path.name, path)
     return path
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from tqdm import tqdm
 
 from .analysis import Analysis, analyse
 from .blocks import block_model
@@ -24,9 +23,10 @@ from .passes.apply import apply_candidates
 from .passes.linear import ConvSpec
 from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
 from .passes.refit import refit_conv, refit_dense
+from .progress import stage
 from .repair import repair as repair_model
 from .select import METHODS, fastest, method_filter, select
-from .verify import compare, damage, op_table, run_outputs
+from .verify import compare, compare_outputs, damage, op_table, run_all_outputs, run_outputs
 
 
 @dataclass
@@ -110,7 +110,7 @@ def profile_table(source, backend_name=None, input_shapes=None, max_kernel=7, ca
     backend = get_backend(backend_name, **backend_options)
     cache = LatencyCache(cache_path) if cache_path is not False else None
     blocks = {}
-    for cand in tqdm(prepared.candidates, desc="building blocks", unit="cand", disable=not progress, leave=False):
+    for cand in stage(prepared.candidates, desc="building blocks", unit="cand", enabled=progress):
         graph = candidate_graph(prepared.model, prepared.analysis, cand)
         blocks[cand.key] = block_of(prepared.model, prepared.analysis, cand, graph)
     blocks.update(chain_models(prepared.model, prepared.analysis))
@@ -165,7 +165,7 @@ class Study:
         refit_note = "refit" if refit else "plain"
         score_prefix = f"{SCORE_VERSION}:{refit_note}:{model_key}:{feeds_fingerprint(cal_feeds)}:"
         self.damage, self.latency, blocks = {}, {}, {}
-        for cand in tqdm(candidates, desc="scoring", unit="cand", disable=not progress, leave=False):
+        for cand in stage(candidates, desc="scoring", unit="cand", enabled=progress):
             score = 0.0 if cand.is_original else (cache.get_score(score_prefix + cand.key) if cache is not None else None)
             if table is not None:
                 self.latency[cand.key] = table["blocks"][cand.key]["ms"]
@@ -337,7 +337,9 @@ class Study:
             optimized, distilled = distill(self.model, optimized, features, self.fit_feeds, self.score_feeds,
                                            self.distill_minutes, progress=self.progress)
         onnx.checker.check_model(optimized)
-        fidelity = compare(reference, run_outputs(optimized, self.eval_feeds))
+        by_output = compare_outputs(run_all_outputs(self.model, self.eval_feeds),
+                                    run_all_outputs(optimized, self.eval_feeds))
+        fidelity = next(iter(by_output.values()))
         predicted = self.estimate_ms / (self.fixed_ms + planned_ms)
         measured_ms = measured = None
         if self.runner is not None and measure:
@@ -356,6 +358,7 @@ class Study:
             "measured_speedup": measured,
             "prediction_error": None if measured is None else (predicted - measured) / measured,
             "fidelity": fidelity,
+            "fidelity_by_output": by_output,
             "fidelity_unrepaired": fidelity_unrepaired,
             "repair": [step.to_json() for step in repair_steps] if repair_steps else None,
             "distill": None if distilled is None else {**distilled.to_json(), "fidelity_before": fidelity_undistilled},
@@ -452,6 +455,9 @@ def format_report(report: dict) -> str:
     for label, fid in (("before repair", report.get("fidelity_unrepaired")), ("", report["fidelity"])):
         if fid is not None:
             lines.append(f"  fidelity on evaluation inputs{' ' + label if label else ''}: {fidelity_text(fid)}")
+    if len(report.get("fidelity_by_output", {})) > 1:
+        for name, fid in report["fidelity_by_output"].items():
+            lines.append(f"    output {name}: {fidelity_text(fid)}")
     lines.append(f"  importance from {report['importance_data']}"
                  + ("; merged layers refit by least squares on it" if report.get("refit") else ""))
     if report.get("distill"):

@@ -88,6 +88,23 @@ def run_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> n
     return np.stack([outs[0] for outs in run_each(model, feeds)])
 
 
+def run_all_outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every graph output by name, each stacked over the feeds."""
+    runs = run_each(model, feeds)
+    return {out.name: np.stack([r[i] for r in runs]) for i, out in enumerate(model.graph.output)}
+
+
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, dict]:
+    """compare() for each graph output, by name (a missing or reshaped output is an error)."""
+    result = {}
+    for name, ref in reference.items():
+        if name not in candidate or candidate[name].shape != ref.shape:
+            got = list(candidate[name].shape) if name in candidate else "missing"
+            raise LmoptError(f"output {name!r} changed shape: {list(ref.shape)} -> {got}")
+        result[name] = compare(ref, candidate[name])
+    return result
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

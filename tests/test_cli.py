@@ -164,8 +164,9 @@ def test_nothing_to_merge(tmp_path, capfd):
     code, out, err = call(["merge", path, "-o", out_path], capfd)
     assert code == 0
     assert err == ""
-    assert out.strip().count("\n") == 0 and "nothing to merge" in out
+    assert out.strip().count("\n") == 0 and "nothing to merge" in out and "wrote" in out
     assert digest(path) == before
+    onnx.checker.check_model(onnx.load(str(out_path)))  # `merge && deploy out.onnx` still works
 
 
 def test_merge_refuses_to_overwrite_its_input(tmp_path, capfd):
@@ -212,7 +213,8 @@ def test_merge_allow_inexact_on_activation_free_resnet(tmp_path, capfd):
     onnx.save(finish(graph, like=model), str(path))
     out_path = tmp_path / "merged.onnx"
     code, out, err = call(["merge", path, "-o", out_path], capfd)  # every run is inexact: left alone
-    assert code == 0 and err == "" and "--allow-inexact" in out and not out_path.exists()
+    assert code == 0 and err == "" and "--allow-inexact" in out and out_path.exists()
+    assert [n.op_type for n in onnx.load(str(out_path)).graph.node].count("Conv") == 20
     code, out, err = call(["merge", path, "-o", out_path, "--allow-inexact", "--json", "--samples", "2"], capfd)
     assert code == 0 and err == ""
     report = json.loads(out)
@@ -307,3 +309,51 @@ def test_inspect_mobilenet_and_vit(tmp_path, capfd):
     assert sum(1 for c in info["chains"] if c["layers"] == 2) == 12
     assert all(u.get("residual_from") == "outside" for c in info["chains"] if c["layers"] == 2
                for u in c["units"][1:])
+
+
+# --------------------------------------------------------------------------- dynamic batch
+
+
+def batch_model(reshape_to=None):
+    """x (N, 3, H, W) -> Conv 1x1 -> Conv 1x1 [-> Reshape to a fixed shape, which bakes the batch in]."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"]), helper.make_node("Conv", ["a", "W2"], ["c"])]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((5, 4, 1, 1)).astype(np.float32), "W2")]
+    if reshape_to is None:
+        nodes.append(helper.make_node("Identity", ["c"], ["y"]))
+        out_dims = ["N", 5, "H", "W"]
+    else:
+        inits.append(numpy_helper.from_array(np.array(reshape_to, np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["c", "shape"], ["y"]))
+        out_dims = [None] * len(reshape_to)
+    graph = helper.make_graph(nodes, "batch",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_dims)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_merge_keeps_the_dynamic_batch(tmp_path, capfd):
+    path = tmp_path / "dyn.onnx"
+    onnx.save(batch_model(), str(path))
+    out_path = tmp_path / "merged.onnx"
+    code, out, err = call(["merge", path, "-o", out_path, "--input-shape", "x:1,3,8,8"], capfd)
+    assert code == 0 and err == "" and "dynamic batch 'N' kept" in out
+    merged = onnx.load(str(out_path))
+    assert merged.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert [n.op_type for n in merged.graph.node].count("Conv") == 1
+    x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)  # another batch
+    ref = run_model(batch_model(), x)
+    assert np.abs(run_model(merged, x) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_baked_in_batch_stays_static_and_says_so(tmp_path, capfd):
+    path = tmp_path / "baked.onnx"
+    onnx.save(batch_model(reshape_to=[1, -1]), str(path))
+    out_path = tmp_path / "merged.onnx"
+    code, out, err = call(["merge", path, "-o", out_path, "--input-shape", "x:1,3,8,8", "--json"], capfd)
+    assert code == 0 and err == ""
+    assert json.loads(out)["batch"].startswith("batch kept at 1")
+    assert onnx.load(str(out_path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1

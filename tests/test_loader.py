@@ -291,3 +291,70 @@ def test_caller_model_is_not_modified():
     before = model.SerializeToString()
     canonicalise(model, parse_input_shapes(["images:1,3,32,32"]))
     assert model.SerializeToString() == before
+
+
+def test_large_models_are_written_with_external_data(tmp_path, monkeypatch, capfd):
+    """The > 2 GB path at a lowered threshold: `lmopt merge` reads a model whose weights are external
+    and writes its result with the weights in OUT.data; the written model loads and runs."""
+    from lmopt import onnxio
+    from lmopt.cli import main
+
+    rng = np.random.default_rng(12)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "W2"], ["y"])]
+    inits = [f32("W1", rng.standard_normal((8, 3, 3, 3))), f32("W2", rng.standard_normal((6, 8, 1, 1)))]
+    model = model_of(nodes, inits, ir_version=8)
+    source = tmp_path / "in.onnx"
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(source), save_as_external_data=True,
+                    location="in.onnx.data", size_threshold=0)
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_BYTES", 500)
+    out = tmp_path / "out" / "merged.onnx"
+    assert main(["merge", str(source), "-o", str(out)]) == 0, capfd.readouterr().err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged.onnx", "merged.onnx.data"]  # no temp left
+    stored = onnx.load(str(out), load_external_data=False)
+    assert any(i.data_location == TensorProto.EXTERNAL for i in stored.graph.initializer)
+    assert out.stat().st_size < 500 < (out.parent / "merged.onnx.data").stat().st_size
+    x = sample((1, 3, 8, 8))
+    assert_close(run(onnx.load(str(out)), x), run(model, x), TOL)
+    # the in-memory model handed to save_model keeps its weights
+    kept = onnx.ModelProto.FromString(model.SerializeToString())
+    onnxio.save_model(kept, tmp_path / "again.onnx")
+    assert all(i.data_location != TensorProto.EXTERNAL and i.raw_data for i in kept.graph.initializer)
+
+
+def test_missing_shapes_come_from_one_run_except_data_dependent_ones():
+    from lmopt.loader import fill_missing_shapes, infer_shapes
+
+    nodes = [helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),  # no onnx shape inference
+             helper.make_node("NonZero", ["x"], ["nz"]),                      # (2, number of non-zeros)
+             helper.make_node("Cast", ["nz"], ["y"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["g"], ["r"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None]),
+                               helper.make_tensor_value_info("r", TensorProto.FLOAT, [None, None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    model = infer_shapes(model)
+    assert fill_missing_shapes(model) == 2  # g and r; nz and y vary with the data
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in [*model.graph.value_info, *model.graph.output]}
+    assert shapes["g"] == [1, 4] and shapes["r"] == [1, 4]
+    assert shapes["y"] == [2, None] and shapes.get("nz", [2, None]) == [2, None]
+
+
+def test_shape_inference_of_large_models_goes_through_a_file(monkeypatch):
+    """Past protobuf's 2 GiB, onnx infers shapes from a file with external data: the same answer."""
+    from lmopt import onnxio
+
+    model = conv_bn_model(1e-3, np.random.default_rng(13), ir_version=8)
+    small, _ = canonicalise(model)
+    calls = []
+    original = onnx.shape_inference.infer_shapes_path
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", lambda *a, **k: calls.append(a) or original(*a, **k))
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_BYTES", 100)
+    large, steps = canonicalise(model)
+    assert calls and steps["batchnorm_folded"] == 1
+    assert [vi.name for vi in large.graph.value_info] == [vi.name for vi in small.graph.value_info]
+    x = sample((1, 4, 8, 8))
+    assert_close(run(large, x), run(model, x), TOL)

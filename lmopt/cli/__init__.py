@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from ..errors import LmoptError
@@ -36,15 +37,26 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_onnxruntime() -> None:
+    """ONNX Runtime logs warnings (graph optimizer notes) to stderr by default: errors only."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
+        quiet_onnxruntime()
         return int(args.run(args) or 0)
     except LmoptError as exc:
         print(f"lmopt {args.tool}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # A second Ctrl-C while the interpreter shuts down (threads, atexit) would print
+        # "Exception ignored ... KeyboardInterrupt": from here on, Ctrl-C is ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"lmopt {args.tool}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lmopt inspect ... | head`

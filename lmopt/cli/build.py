@@ -27,9 +27,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..engine import build_engine, require_tensorrt
     from ..errors import LmoptError
+    from ..onnxio import check_writable
 
     if args.workspace is not None and args.workspace <= 0:
         raise LmoptError("--workspace must be a positive number of MiB")
+    check_writable(args.output, "-o")
     require_tensorrt()  # one clear line before any work when TensorRT or the GPU is missing
     result = build_engine(args.model, args.output, fp16=args.fp16, workspace_mib=args.workspace,
                           timing_cache=args.timing_cache, measure=not args.no_measure)

@@ -25,7 +25,11 @@ def layer_text(unit, nodes) -> str:
         group = node.attrs.get("group", 1)
         kind = "dw" if group > 1 and group == weight[0] and weight[1] == 1 else (f"g{group}" if group > 1 else "")
         return f"conv{kernel}{kind} s{stride} {weight[1] * group}->{weight[0]}"
-    return f"{unit.op.lower()} {unit.in_shape[-1]}->{unit.out_shape[-1]}"
+    return f"{unit.op.lower()} {_width(unit.in_shape)}->{_width(unit.out_shape)}"
+
+
+def _width(shape: tuple) -> str:
+    return str(shape[-1]) if shape and shape[-1] is not None else "?"
 
 
 def summary(model, steps, max_kernel: int) -> dict:
@@ -68,7 +72,9 @@ def run(args) -> int:
     print(f"{args.model}: {len(info['chains'])} chains, {info['residual_spans']} residual spans, "
           f"{info['blocks']} blocks, {info['candidates']} candidates (merged kernel <= {args.max_kernel})")
     print(f"canonicalised: {steps['batchnorm_folded']} BatchNormalization folded, "
-          f"{steps['passthrough_removed']} Identity/Dropout removed, {steps['nodes_in']} -> {steps['nodes_out']} nodes")
+          f"{steps['passthrough_removed']} Identity/Dropout removed, {steps['nodes_in']} -> {steps['nodes_out']} nodes"
+          + (f", {steps['shapes_from_onnxruntime']} shapes from an onnxruntime run"
+             if steps.get("shapes_from_onnxruntime") else ""))
     print("activations on chains: " + (", ".join(f"{k} x{v}" for k, v in info["activations"].items()) or "none"))
     print("ops that end chains: " + (", ".join(f"{k} x{v}" for k, v in info["stops"].items()) or "none"))
     for chain in info["chains"]:

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from ..calib import Preprocess, parse_floats
+from ..dynamic import keep_dynamic_batch
 from ..errors import LmoptError
 from ..latency.base import BACKENDS
+from ..latency.cache import LatencyCache
 from ..loader import parse_input_shapes
-from ..onnxio import atomic_write_text, save_model
+from ..onnxio import atomic_write_text, check_writable, save_model
 from ..select import METHODS
 from .common import add_model_arguments, print_json
 
@@ -72,8 +75,24 @@ def add_parser(subparsers):
     parser.add_argument("--distill-minutes", type=float, default=10.0, help="time bound of --distill (default 10)")
     parser.add_argument("--no-measure", action="store_true", help="skip the end-to-end measurement")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the report as JSON (to PATH, or stdout)")
+    parser.add_argument("--best-effort", action="store_true",
+                        help="when the target is out of reach, write the fastest plan found and exit 0 "
+                             "(default: say so and exit 1 without writing)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def check_outputs(model: str, output: Path, json_path: str | None, use_cache: bool) -> None:
+    """Every path this run will write, checked before any profiling."""
+    if output.resolve() == Path(model).resolve():
+        raise LmoptError("-o would overwrite the input model: choose another path")
+    check_writable(output, "-o")
+    if json_path not in (None, "-"):
+        if Path(json_path).resolve() in (output.resolve(), Path(model).resolve()):
+            raise LmoptError(f"--json {json_path}: would overwrite the model; choose another path")
+        check_writable(json_path, "--json")
+    if use_cache:
+        LatencyCache().close()  # creates, checks (and repairs) the cache before any work
 
 
 def run(args) -> int:
@@ -83,8 +102,7 @@ def run(args) -> int:
     if (args.calib_count is not None and args.calib_count < 1) or (args.eval_count is not None and args.eval_count < 1):
         raise LmoptError("--calib-count and --eval-count must be at least 1")
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".lmopt.onnx")
-    if output.resolve() == Path(args.model).resolve():
-        raise LmoptError("-o would overwrite the input model: choose another path")
+    check_outputs(args.model, output, args.json, not args.no_cache)
     prep = Preprocess(parse_floats(args.mean, "--mean"), parse_floats(args.std, "--std"), args.layout)
     quiet_json = args.json == "-"
     model, report = optimize(
@@ -94,6 +112,14 @@ def run(args) -> int:
         latency_table=args.latency_table, max_kernel=args.max_kernel, cache_path=False if args.no_cache else None,
         measure=not args.no_measure, rounds=args.rounds, refit=not args.no_refit, progress=not args.quiet, backend_options=backend_options(args),
         log=(lambda *a: None) if quiet_json else print)
+    if not report["target_met"]:
+        reached = f"the fastest plan found gives about {report['predicted_speedup']:.2f}x (predicted)"
+        if not args.best_effort:
+            raise LmoptError(f"target {target:g}x is out of reach: {reached}; nothing written "
+                             "(--best-effort writes that plan)")
+        print(f"lmopt optimize: target {target:g}x is out of reach: {reached}; writing it (--best-effort)",
+              file=sys.stderr)
+    model, report["batch"] = keep_dynamic_batch(model, args.model)
     save_model(model, output)
     report["output"] = str(output)
     if args.json:
@@ -103,5 +129,5 @@ def run(args) -> int:
             atomic_write_text(args.json, json.dumps(report, indent=2, default=str) + "\n")
     if not quiet_json:
         print(format_report(report))
-        print(f"wrote {output}")
+        print(f"wrote {output} ({report['batch']})")
     return 0

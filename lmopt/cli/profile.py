@@ -1,8 +1,10 @@
 """`lmopt profile`: time every candidate block on this machine and write a latency table."""
 from __future__ import annotations
 
+from ..latency.cache import LatencyCache
 from ..latency.profiler import write_table
 from ..loader import parse_input_shapes
+from ..onnxio import check_writable
 from .common import add_model_arguments
 from .optimize import add_backend_arguments, backend_options
 
@@ -20,6 +22,9 @@ def add_parser(subparsers):
 def run(args) -> int:
     from ..optimizer import profile_table
 
+    check_writable(args.output, "-o")
+    if not args.no_cache:
+        LatencyCache().close()  # creates, checks (and repairs) the cache before any work
     table = profile_table(args.model, args.backend, parse_input_shapes(args.input_shape), args.max_kernel,
                           cache_path=False if args.no_cache else None, progress=not args.quiet,
                           **backend_options(args))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def default_cache_path() -> Path:
     return default_cache_dir() / "latency.sqlite"
 
 
+def _is_sqlite_file(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(16) == b"SQLite format 3\x00"
+
+
 def key_text(cache_key: dict) -> str:
     """The canonical text of a backend's cache_key()."""
     return json.dumps(cache_key, sort_keys=True, separators=(",", ":"))
@@ -41,25 +47,44 @@ class LatencyCache:
 
     def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0):
         self.path = Path(path) if path is not None else default_cache_path()
+        self._db = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: autocommit, every INSERT is durable when execute() returns.
-            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS latency ("
-                " signature TEXT NOT NULL, backend TEXT NOT NULL, ms REAL NOT NULL, created REAL NOT NULL,"
-                " PRIMARY KEY (signature, backend))")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS scores ("
-                " key TEXT PRIMARY KEY, value REAL NOT NULL, created REAL NOT NULL)")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS block_signatures ("
-                " key TEXT PRIMARY KEY, signature TEXT NOT NULL, created REAL NOT NULL)")
+            try:
+                self._open(timeout)
+            except sqlite3.DatabaseError as exc:  # a damaged sqlite file: keep it aside, start afresh
+                self.close()
+                if not _is_sqlite_file(self.path):
+                    raise  # someone else's file: refused below, never moved
+                aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(self.path, aside)
+                print(f"lmopt: the latency cache {self.path} was damaged ({str(exc).splitlines()[0]}); moved it to "
+                      f"{aside} and started a new one", file=sys.stderr)
+                self._open(timeout)
         except sqlite3.DatabaseError as exc:
             raise LmoptError(f"{self.path}: not a usable latency cache ({exc}); delete it or set "
                              "LMOPT_CACHE_DIR to another folder") from None
         except OSError as exc:
-            raise LmoptError(f"{self.path}: cannot create the latency cache ({exc.strerror})") from None
+            raise LmoptError(f"{self.path}: cannot use the latency cache ({exc.strerror}); delete it or set "
+                             "LMOPT_CACHE_DIR to another folder, or pass --no-cache") from None
+
+    def _open(self, timeout: float) -> None:
+        # isolation_level=None: autocommit, every INSERT is durable when execute() returns.
+        self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
+        # Damage inside the file only shows when a damaged page is read: check it all now.
+        check = self._db.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS latency ("
+            " signature TEXT NOT NULL, backend TEXT NOT NULL, ms REAL NOT NULL, created REAL NOT NULL,"
+            " PRIMARY KEY (signature, backend))")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS scores ("
+            " key TEXT PRIMARY KEY, value REAL NOT NULL, created REAL NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS block_signatures ("
+            " key TEXT PRIMARY KEY, signature TEXT NOT NULL, created REAL NOT NULL)")
 
     def get(self, signature: str, cache_key: dict) -> float | None:
         row = self._db.execute("SELECT ms FROM latency WHERE signature = ? AND backend = ?",

@@ -34,7 +34,7 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
     cache=None times without persistence. `signatures`, if given, is filled with block -> signature.
     Blocks whose timing was enqueue-bound (see base.enqueue_bound) are reported in one line on stderr.
     """
-    from tqdm import tqdm
+    from ..progress import stage
 
     key = backend.cache_key()
     sig_of = {name: structural_signature(model) for name, model in blocks.items()}
@@ -53,7 +53,7 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
         else:
             todo[sig] = blocks[name]
     bound = 0
-    with tqdm(total=len(todo), desc=desc, unit="block", disable=not progress, leave=False) as bar:
+    with stage(total=len(todo), desc=desc, unit="block", enabled=progress) as bar:
         bar.set_postfix_str(f"{len(sig_of)} blocks, {len(ms_of) + len(todo)} distinct, {hits} cached")
         for sig, model in todo.items():
             ms = backend.measure(model)
