@@ -38,6 +38,7 @@ class Scorer:
         self.graph = gs.import_onnx(model)
         self.cached: list[dict[str, np.ndarray]] = [dict(feed) for feed in feeds]
         self.reference = None
+        self._stacked: dict[str, np.ndarray] = {}  # values(): each tensor batch-concatenated once
         self._fetch(list(dict.fromkeys(prefetch)))
 
     def _fetch(self, names: list[str]) -> None:
@@ -56,7 +57,10 @@ class Scorer:
     def values(self, names: list[str]) -> list[np.ndarray]:
         """The original model's values of `names` over all calibration feeds (batch-concatenated)."""
         self._fetch(names)
-        return [np.concatenate([cached[name] for cached in self.cached]) for name in names]
+        for name in names:
+            if name not in self._stacked:
+                self._stacked[name] = np.concatenate([cached[name] for cached in self.cached])
+        return [self._stacked[name] for name in names]
 
     def score(self, transformed: gs.Graph, changed_prefix: str) -> dict:
         """Fidelity metrics of the transformed graph against the original; only the part of the

@@ -8,7 +8,6 @@ recovers much of what the removed nonlinearities cost, with no training loop.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .linear import ConvSpec, DenseSpec
 
@@ -31,23 +30,30 @@ def _rows(count: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(count, MAX_ROWS, replace=False)) if count > MAX_ROWS else np.arange(count)
 
 
+def _patches(x: np.ndarray, spec: ConvSpec, n: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The input windows of output positions (n, h, w) as float64 (rows, C, kh, kw), zero where they
+    reach into the padding; gathered directly, without a padded copy of the whole input."""
+    (kh, kw), (sh, sw), (dh, dw) = spec.weight.shape[2:], spec.strides, spec.dilations
+    ys = h[:, None] * sh - spec.pads_begin[0] + np.arange(kh) * dh   # rows, kh
+    xs = w[:, None] * sw - spec.pads_begin[1] + np.arange(kw) * dw   # rows, kw
+    inside = ((ys >= 0) & (ys < x.shape[2]))[:, :, None] & ((xs >= 0) & (xs < x.shape[3]))[:, None, :]
+    ys, xs = np.clip(ys, 0, x.shape[2] - 1), np.clip(xs, 0, x.shape[3] - 1)
+    gathered = x[n[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # rows, kh, kw, C
+    return (gathered * inside[..., None]).transpose(0, 3, 1, 2).astype(np.float64)
+
+
 def refit_conv(spec: ConvSpec, x: np.ndarray, y: np.ndarray, seed: int = 0) -> ConvSpec | None:
     """Weights of `spec`'s shape minimising ||conv(x) - y||^2 (x: N,C,H,W; y: N,Cout,Ho,Wo).
     None when the problem is too large or not 2-D."""
     if spec.ndim != 2 or spec.weight[0].size > MAX_COLUMNS:
         return None
-    (pbh, pbw), (peh, pew) = spec.pads_begin, spec.pads_end
-    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pbh, peh), (pbw, pew)))
-    windows = sliding_window_view(padded, spec.extent, axis=(2, 3))
-    (sh, sw), (dh, dw) = spec.strides, spec.dilations
     out_h, out_w = y.shape[2:]
-    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :out_h, :out_w]  # N, C, Ho, Wo, kh, kw
     if x.shape[0] * out_h * out_w < MIN_ROWS_PER_UNKNOWN * (spec.weight[0].size + 1):
         return None
     rows = _rows(x.shape[0] * out_h * out_w, np.random.default_rng(seed))
     n, h, w = np.unravel_index(rows, (x.shape[0], out_h, out_w))
-    patches = windows[n, :, h, w]  # rows, C, kh, kw: only the sampled positions are gathered
-    targets = y.astype(np.float64)[n, :, h, w]  # rows, Cout
+    patches = _patches(x, spec, n, h, w)  # rows, C, kh, kw: only the sampled positions are gathered
+    targets = y[n, :, h, w].astype(np.float64)  # rows, Cout
     cin_g, cout_g = spec.weight.shape[1], spec.out_channels // spec.group
     weight, bias = np.empty_like(spec.weight), np.empty_like(spec.bias)
     for g in range(spec.group):

