@@ -32,9 +32,10 @@ class Scorer:
     that a rewrite's suffix reads are computed by running the original with them as extra outputs,
     once per new set of tensors, and kept."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], prefetch: list[str]):
-        """`prefetch`: tensors most suffixes will read (the chains' positions)."""
-        self.model, self.feeds = model, feeds
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], prefetch: list[str],
+                 kind: str | None = None):
+        """`prefetch`: tensors most suffixes will read (the chains' positions); `kind`: see verify.compare."""
+        self.model, self.feeds, self.kind = model, feeds, kind
         self.graph = gs.import_onnx(model)
         self.cached: list[dict[str, np.ndarray]] = [dict(feed) for feed in feeds]
         self.reference = None
@@ -65,10 +66,10 @@ class Scorer:
         network the rewrite (nodes named `changed_prefix...`) can change is run."""
         suffix = suffix_model(transformed, changed_prefix, like=self.model)
         if suffix is None:
-            return compare(self.reference, self.reference)
+            return compare(self.reference, self.reference, kind=self.kind)
         sess = session(suffix)
         wanted = [i.name for i in sess.get_inputs()]
         self._fetch(wanted)
         outputs = [sess.run(None, {name: cached[name] for name in wanted})[0] for cached in self.cached]
-        return compare(self.reference, np.stack(outputs))
+        return compare(self.reference, np.stack(outputs), kind=self.kind)
 

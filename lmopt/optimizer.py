@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -13,6 +13,7 @@ from .analysis import Analysis, analyse
 from .blocks import block_model
 from .calib import Preprocess, calibration_sets
 from .candidates import Candidate, enumerate_candidates, removed_activations, removed_branches
+from .dynamic import keep_symbolic, with_node_names
 from .errors import LmoptError
 from .importance import SCORE_VERSION, Scorer, feeds_fingerprint
 from .latency.base import get_backend
@@ -20,6 +21,7 @@ from .latency.cache import LatencyCache
 from .latency.profiler import make_table, profile_blocks, read_table
 from .latency.signature import model_fingerprint
 from .loader import canonicalise
+from .outputs import compare_outputs, output_kind, primary_first, restore_order
 from .passes.apply import apply_candidates
 from .passes.linear import ConvSpec
 from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
@@ -36,6 +38,7 @@ class Prepared:
     steps: dict
     analysis: Analysis
     candidates: list[Candidate]
+    output_order: list[str] = field(default_factory=list)  # the source's outputs (the primary is moved first)
 
 
 def candidate_graph(model: onnx.ModelProto, analysis: Analysis, cand: Candidate, operator=None) -> gs.Graph:
@@ -51,13 +54,14 @@ def block_of(model, analysis, cand, graph) -> onnx.ModelProto:
 
 
 def prepare(source, input_shapes=None, max_kernel: int = 7, method: str = "layermerge") -> Prepared:
-    model, steps = canonicalise(source, input_shapes)
+    model, steps = canonicalise(with_node_names(source), input_shapes)
+    order = primary_first(model)
     analysis = analyse(model)
     if not analysis.chains:
         raise LmoptError("no chain of linear layers (Conv, Gemm, MatMul with constant weights) found: nothing to optimize")
     candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel)
                   if method_filter(method, c)]
-    return Prepared(model, steps, analysis, candidates)
+    return Prepared(model, steps, analysis, candidates, order)
 
 
 def chain_models(model: onnx.ModelProto, analysis: Analysis) -> dict[str, onnx.ModelProto]:
@@ -76,7 +80,7 @@ def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: l
     sizes of the chain's inner positions. Each block then gives back beta/2 * size at each inner
     end, so any plan sums to (timed blocks - the boundaries it removes); the original plan sums
     to the chain's own time."""
-    sizes = {t.name: int(np.prod(t.shape)) if t.shape else 0 for t in gs.import_onnx(model).tensors().values()}
+    sizes = {t.name: tensor_size(t.shape) for t in gs.import_onnx(model).tensors().values()}
     corrected = {}
     for chain in analysis.chains:
         mine = [c for c in candidates if c.chain == chain.index]
@@ -88,6 +92,13 @@ def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: l
             give_back = beta / 2 * sum(sizes.get(chain.positions[p], 0) for p in ends)
             corrected[cand.key] = max(0.0, latency[cand.key] - give_back)
     return corrected
+
+
+def tensor_size(shape) -> int:
+    """Elements of a tensor; a symbolic or unknown dim counts as 1 (0 when the shape is unknown)."""
+    if not shape:
+        return 0
+    return int(np.prod([d if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]))
 
 
 def time_blocks(runner, model: onnx.ModelProto, blocks: dict, cache, progress: bool) -> tuple[dict, dict, float]:
@@ -133,6 +144,7 @@ class Study:
         self.prepared = prepare(source, input_shapes, max_kernel, method)
         model, analysis, candidates = self.prepared.model, self.prepared.analysis, self.prepared.candidates
         self.model, self.analysis, self.candidates = model, analysis, candidates
+        self.source, self.kind = source, output_kind(model, model.graph.output[0].name)
         cal_feeds, self.eval_feeds, self.data_note = calibration_sets(model, calib, calib_count, eval_count, preprocess,
                                                                       eval_data)
         # Half the calibration data fits (refit, repair) and the other half scores candidates and
@@ -207,7 +219,7 @@ class Study:
         if role not in self._scorers:
             positions = [p for chain in self.analysis.chains for p in chain.positions]
             feeds = self.score_feeds if role == "score" else self.fit_feeds
-            self._scorers[role] = Scorer(self.model, feeds, positions)
+            self._scorers[role] = Scorer(self.model, feeds, positions, kind=self.kind)
         return self._scorers[role]
 
     def operator_for(self, cand: Candidate):
@@ -270,7 +282,7 @@ class Study:
 
     def check_damage(self, model: onnx.ModelProto) -> float:
         """Damage on the scoring half of the calibration data (never the evaluation data)."""
-        return damage(compare(self.scorer("score").reference, run_outputs(model, self.score_feeds)))
+        return damage(compare(self.scorer("score").reference, run_outputs(model, self.score_feeds), kind=self.kind))
 
     def rescored(self, changes: list[Candidate], damages: dict) -> dict:
         """Damages with each chosen change's in-context cost: how much worse the plan is with it than
@@ -323,17 +335,19 @@ class Study:
         if repair_steps:
             fidelity_unrepaired = compare(reference, run_outputs(
                 apply_candidates(self.model, self.analysis, changes, {c.key: self.operator_for(c) for c in changes}),
-                self.eval_feeds))
+                self.eval_feeds), kind=self.kind)
         distilled = None
         if self.distill_minutes and changes:
             from .distill import distill
 
-            fidelity_undistilled = compare(reference, run_outputs(optimized, self.eval_feeds))
+            fidelity_undistilled = compare(reference, run_outputs(optimized, self.eval_feeds), kind=self.kind)
             features = [self.analysis.chains[c.chain].positions[c.end] for c in changes]
             optimized, distilled = distill(self.model, optimized, features, self.fit_feeds, self.score_feeds,
                                            self.distill_minutes, progress=self.progress)
         onnx.checker.check_model(optimized)
-        fidelity = compare(reference, run_outputs(optimized, self.eval_feeds))
+        fidelity = compare(reference, run_outputs(optimized, self.eval_feeds), kind=self.kind)
+        per_output = compare_outputs(self.model, optimized, self.eval_feeds)
+        per_output = {name: per_output[name] for name in self.prepared.output_order if name in per_output}
         predicted = self.estimate_ms / (self.fixed_ms + planned_ms)
         measured_ms = measured = None
         if self.runner is not None and measure:
@@ -352,6 +366,8 @@ class Study:
             "measured_speedup": measured,
             "prediction_error": None if measured is None else (predicted - measured) / measured,
             "fidelity": fidelity,
+            "output": self.model.graph.output[0].name,
+            "outputs": per_output,
             "fidelity_unrepaired": fidelity_unrepaired,
             "repair": [step.to_json() for step in repair_steps] if repair_steps else None,
             "distill": None if distilled is None else {**distilled.to_json(), "fidelity_before": fidelity_undistilled},
@@ -365,7 +381,10 @@ class Study:
             "canonicalisation": self.prepared.steps,
             "seconds": round(self.seconds + time.perf_counter() - started, 1),
         }
-        return optimized, report
+        operators = {c.key: self.operator_for(c) for c in changes}
+        written, report["symbolic_dims"] = keep_symbolic(self.source, optimized, self.analysis, changes, operators,
+                                                         self.eval_feeds)
+        return restore_order(written or optimized, self.prepared.output_order), report
 
 
 def tie_broken(candidates: list[Candidate], latency: dict, damage: dict) -> dict:
@@ -422,6 +441,8 @@ def _describe(analysis: Analysis, cand: Candidate, latency: dict, damage: dict) 
 
 def fidelity_text(fid: dict) -> str:
     text = f"nrmse {fid['nrmse']:.4f}"
+    if "cosine_mean" in fid:
+        text += f", cosine similarity mean {fid['cosine_mean']:.4f} min {fid['cosine_min']:.4f}"
     if "kl" in fid:
         confident = ("n/a" if fid["confident_agreement"] is None else
                      f"{100 * fid['confident_agreement']:.1f}% of {fid['confident_count']}")
@@ -448,6 +469,11 @@ def format_report(report: dict) -> str:
     for label, fid in (("before repair", report.get("fidelity_unrepaired")), ("", report["fidelity"])):
         if fid is not None:
             lines.append(f"  fidelity on evaluation inputs{' ' + label if label else ''}: {fidelity_text(fid)}")
+    if len(report.get("outputs") or {}) > 1:
+        for name, fid in report["outputs"].items():
+            lines.append(f"    output {name}: {fidelity_text(fid)}")
+    if report.get("symbolic_dims"):
+        lines.append(f"  written model: {report['symbolic_dims']}")
     lines.append(f"  importance from {report['importance_data']}"
                  + ("; merged layers refit by least squares on it" if report.get("refit") else ""))
     if report.get("distill"):
