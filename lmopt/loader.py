@@ -221,11 +221,16 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
     model = infer_shapes(model)
     graph = to_graph(model)
     steps = {"nodes_in": len(graph.nodes)}
-    try:
-        graph.fold_constants(error_ok=True)
-    except Exception as exc:  # the folder runs onnxruntime; a failure there is not fatal for us
-        steps["fold_constants_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    graph.cleanup()
+    for _ in range(3):  # a fold can settle shapes (Range, Expand in mask arithmetic) that let the next one fold more
+        before = len(graph.nodes)
+        try:
+            graph.fold_constants(error_ok=True)
+        except Exception as exc:  # the folder runs onnxruntime; a failure there is not fatal for us
+            steps["fold_constants_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        graph.cleanup()
+        if len(graph.nodes) == before or "fold_constants_error" in steps:
+            break
+        graph = to_graph(infer_shapes(to_model(graph, like=model)))
     steps["passthrough_removed"] = remove_passthrough_nodes(graph)
     steps["batchnorm_folded"] = fold_batchnorms(graph)
     unique_node_names(graph)
