@@ -143,3 +143,15 @@ def named_npz_feeds(path: str | Path, model: onnx.ModelProto, count: int | None 
             feed[name] = given[name][index] if name in given else integer_input(model, name, shape, dtype, rng)
         feeds.append(feed)
     return feeds
+
+
+def real_tokens(feeds: list[dict[str, np.ndarray]], shape: tuple[int, ...]) -> np.ndarray | None:
+    """Where the attention mask is 1, for token values of `shape` (samples concatenated on the batch
+    axis, tokens on the next): a refit on padding tokens would spend its unknowns on values nothing
+    reads. None when the feeds have no mask of that batch and sequence size."""
+    for name in feeds[0] if feeds else ():
+        if role(name) == "mask" and feeds[0][name].ndim == 2:
+            mask = np.concatenate([feed[name] for feed in feeds]).astype(bool)
+            if len(shape) == 3 and mask.shape == tuple(shape[:2]) and mask.any():
+                return mask
+    return None

@@ -15,11 +15,13 @@ from .calib import Preprocess, calibration_sets
 from .candidates import Candidate, enumerate_candidates, removed_activations, removed_branches
 from .dynamic import keep_symbolic, with_node_names
 from .errors import LmoptError
+from .inputs import real_tokens
 from .importance import SCORE_VERSION, Scorer, feeds_fingerprint
 from .latency.base import get_backend
 from .latency.cache import LatencyCache
 from .latency.profiler import make_table, profile_blocks, read_table
 from .latency.signature import model_fingerprint
+from .latency_fit import two_point_fit
 from .loader import canonicalise
 from .outputs import compare_outputs, output_kind, primary_first, restore_order
 from .passes.apply import apply_candidates
@@ -27,7 +29,7 @@ from .passes.linear import ConvSpec
 from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
 from .passes.refit import refit_conv, refit_dense
 from .repair import repair as repair_model
-from .select import METHODS, fastest, method_filter, select
+from .select import METHODS, fastest, fastest_plan, method_filter, select
 from .verify import compare, damage, op_table, run_outputs
 
 
@@ -170,7 +172,7 @@ class Study:
         # block signatures are cached by model (+ calibration data): a warm run rewrites nothing.
         cache = LatencyCache(cache_path) if cache_path is not False else None
         model_key = model_fingerprint(model)
-        refit_note = "refit" if refit else "plain"
+        refit_note = ("refit-tokens" if refit else "plain") + f"-{self.kind}"  # what the scores depend on
         score_prefix = f"{SCORE_VERSION}:{refit_note}:{model_key}:{feeds_fingerprint(cal_feeds)}:"
         self.damage, self.latency, blocks = {}, {}, {}
         for cand in tqdm(candidates, desc="scoring", unit="cand", disable=not progress, leave=False):
@@ -211,7 +213,24 @@ class Study:
         # chains timed alone can add up to a little more than the whole model.
         self.fixed_ms = max(0.0, self.whole_ms - sum(self.chain_ms.values()))
         self.estimate_ms = self.fixed_ms + sum(self.latency[c.key] for c in candidates if c.is_original)
+        self.latency_scale = 1.0
+        if self.runner is not None and table is None and all(c.kind == "dense" for c in analysis.chains):
+            self._fit_in_context(candidates)
         self.seconds = time.perf_counter() - started
+
+    def _fit_in_context(self, candidates: list[Candidate]) -> None:
+        """Scale dense blocks' latencies to what they cost inside the network (see lmopt.latency_fit)."""
+        plan = fastest_plan(self.chain_lengths, candidates, self.latency)
+        changes = [c for c in plan or [] if not c.is_original]
+        if not changes:
+            return
+        fast_ms = self.runner.measure(apply_candidates(self.model, self.analysis, changes))
+        original = sum(self.latency[c.key] for c in candidates if c.is_original)
+        fit = two_point_fit(self.whole_ms, original, fast_ms, sum(self.latency[c.key] for c in plan))
+        if fit is not None:
+            self.latency_scale, self.fixed_ms = fit
+            self.latency = {key: ms * self.latency_scale for key, ms in self.latency.items()}
+            self.estimate_ms = self.fixed_ms + self.latency_scale * original
 
     def scorer(self, role: str) -> Scorer:
         """Original activations on the scoring ("score") or fitting ("fit") feeds, made on first
@@ -241,6 +260,9 @@ class Study:
         if explicit is not None:
             names.append(explicit.tensor)
         values = self.scorer("fit").values(names)
+        keep = real_tokens(self.fit_feeds, values[0].shape) if not isinstance(merged, ConvSpec) else None
+        if keep is not None and all(v.shape[:2] == keep.shape for v in values):
+            values = [v[keep] for v in values]
         target = values[1] - values[2] if explicit is not None else values[1]
         if isinstance(merged, ConvSpec):
             return refit_conv(merged, values[0], target)
@@ -358,6 +380,7 @@ class Study:
             "method": method,
             "backend": self.backend_key,
             "latency_source": self.latency_source,
+            "latency_scale": self.latency_scale,
             "target_met": target_met,
             "original_ms": self.whole_ms,
             "predicted_ms": self.whole_ms / predicted,
@@ -460,6 +483,9 @@ def format_report(report: dict) -> str:
         lines.append("  target out of reach: this is the fastest plan found")
     lines.append(f"  original {report['original_ms']:.3f} ms, predicted {report['predicted_ms']:.3f} ms "
                  f"-> predicted speed-up {report['predicted_speedup']:.2f}x")
+    if report.get("latency_scale", 1.0) != 1.0:
+        lines.append(f"  block latencies x{report['latency_scale']:.2f}: dense layers cost more inside the network "
+                     "than timed alone (fit to the original and the fastest plan, measured whole)")
     if report["measured_speedup"] is not None:
         before, after = report["measured_ms"]
         lines.append(f"  measured (interleaved, one process): {before:.3f} ms -> {after:.3f} ms "

@@ -201,3 +201,36 @@ def test_mlp_collapse_refit_improves_held_out_fidelity(study):
 
     composed, fitted = held_out({}), held_out({cand.key: refit})
     assert fitted > composed + 0.01, (composed, fitted)
+
+
+def test_two_point_latency_fit():
+    from lmopt.latency_fit import two_point_fit
+    # blocks sum to 4 ms alone; the model takes 7 ms whole and 1.5 ms with blocks of 0.5 ms
+    scale, fixed = two_point_fit(7.0, 4.0, 1.5, 0.5)
+    assert scale == pytest.approx(5.5 / 3.5) and fixed == pytest.approx(7.0 - 4.0 * 5.5 / 3.5)
+    assert fixed + scale * 0.5 == pytest.approx(1.5)
+    assert two_point_fit(7.0, 4.0, 7.5, 0.5) is None      # the fast plan measured slower: no fit
+    assert two_point_fit(7.0, 4.0, 1.0, 4.0) is None      # no span between the two points
+    assert two_point_fit(1.0, 4.0, 0.1, 0.5) is None      # would need a negative fixed time
+
+
+def test_dense_models_get_block_latencies_in_context(study):
+    assert study.latency_scale > 0
+    original = sum(study.latency[c.key] for c in study.candidates if c.is_original)
+    assert study.estimate_ms == pytest.approx(study.fixed_ms + original)
+    if study.latency_scale != 1.0:
+        assert study.estimate_ms == pytest.approx(study.whole_ms)
+        corrected = boundary_corrected(study.model, study.analysis, study.candidates, study.timed_latency,
+                                       study.chain_ms)
+        for key, ms in corrected.items():
+            assert study.latency[key] == pytest.approx(study.latency_scale * ms)
+
+
+def test_refit_rows_are_the_real_tokens():
+    from lmopt.inputs import real_tokens
+    feeds = token_feeds(3, seq=8, seed=2)
+    keep = real_tokens(feeds, (3, 8, 32))
+    np.testing.assert_array_equal(keep, np.concatenate([f["attention_mask"] for f in feeds]).astype(bool))
+    assert not keep.all()                              # token_feeds pads some rows
+    assert real_tokens(feeds, (3, 8)) is None and real_tokens(feeds, (2, 8, 32)) is None
+    assert real_tokens([{"x": np.zeros((1, 8), np.float32)}], (1, 8, 4)) is None
