@@ -73,7 +73,8 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
     specs = input_specs(model)
     name, shape, dtype = specs[0]
     if len(specs) > 1:
-        raise LmoptError(f"--calib for a model with inputs {[s[0] for s in specs]}: give a .npz with one array per input name")
+        raise LmoptError(f"--calib for a model with inputs {[s[0] for s in specs]}: "
+                         "give a .npz with one array per input name")
     prep = prep or Preprocess()
     if not path.exists():
         raise LmoptError(f"--calib {path}: no such file or folder")

@@ -126,7 +126,8 @@ def named_npz_feeds(path: str | Path, model: onnx.ModelProto, count: int | None 
         if name in arrays:
             array = arrays[name]
             if np.issubdtype(dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
-                raise LmoptError(f"--calib {path}: {name!r} holds {array.dtype} values, the model reads {np.dtype(dtype)}")
+                raise LmoptError(f"--calib {path}: {name!r} holds {array.dtype} values, "
+                                 f"the model reads {np.dtype(dtype)}")
             given[name] = _samples(array, shape, f"--calib {path} [{name!r}]").astype(dtype)
         elif np.issubdtype(dtype, np.floating) or role(name) in ("ids",):
             raise LmoptError(f"--calib {path}: no array for the model's input {name!r} (it holds {sorted(arrays)})")

@@ -105,7 +105,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray, kind: str | None = Non
 def damage(metrics: dict) -> float:
     """One number for how much a change hurts (lower is better), independent of the output's scale:
     for classifiers KL plus the fraction of top-1 answers changed (KL alone calls everything free
-    when logits are tiny), for embeddings 1 - mean cosine similarity, else NRMSE^2. NaN or inf is an error, never a score."""
+    when logits are tiny), for embeddings 1 - mean cosine similarity, else NRMSE^2. NaN or inf is an
+    error, never a score."""
     value = (metrics["kl"] + 1.0 - metrics["top1_agreement"] if "kl" in metrics else
              1.0 - metrics["cosine_mean"] if "cosine_mean" in metrics else metrics["nrmse"] ** 2)
     if not np.isfinite(value):
