@@ -26,6 +26,7 @@ from .loader import canonicalise
 from .outputs import compare_outputs, output_kind, primary_first, restore_order
 from .passes.apply import apply_candidates
 from .passes.linear import ConvSpec
+from .passes.lowrank import reduced_rank
 from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
 from .passes.refit import refit_conv, refit_dense
 from .repair import repair as repair_model
@@ -61,7 +62,7 @@ def prepare(source, input_shapes=None, max_kernel: int = 7, method: str = "layer
     analysis = analyse(model)
     if not analysis.chains:
         raise LmoptError("no chain of linear layers (Conv, Gemm, MatMul with constant weights) found: nothing to optimize")
-    candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel)
+    candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel, low_rank=True)
                   if method_filter(method, c)]
     return Prepared(model, steps, analysis, candidates, order)
 
@@ -266,7 +267,8 @@ class Study:
         target = values[1] - values[2] if explicit is not None else values[1]
         if isinstance(merged, ConvSpec):
             return refit_conv(merged, values[0], target)
-        return refit_dense(merged, values[0], target)
+        fitted = refit_dense(merged, values[0], target)
+        return reduced_rank(fitted, cand.rank, values[0]) if cand.rank and fitted is not None else fitted
 
     def _check_table(self, table: dict, path: str, backend: str | None) -> None:
         if table["model_fingerprint"] != model_fingerprint(self.model):
@@ -450,7 +452,7 @@ def _describe(analysis: Analysis, cand: Candidate, latency: dict, damage: dict) 
     branches = removed_branches(chain, cand)
     kind = ("remove residual branch" if branches and len(cand.pruned) == cand.length else
             "prune" if len(cand.pruned) == cand.length else
-            "merge" if cand.length > 1 else "prune")
+            f"merge (rank {cand.rank})" if cand.rank else "merge" if cand.length > 1 else "prune")
     return {
         "block": cand.key,
         "action": kind,

@@ -163,7 +163,7 @@ def test_cli_on_an_encoder_with_npz_calibration(bert_path, calib_path, tmp_path,
 
 def _mlp_collapse(study, chain_index=None):
     """The MLP-collapse candidate (fc1 -> act -> fc2 merged into one layer) of the last layer."""
-    cands = [c for c in study.candidates if c.length == 2 and not c.pruned]
+    cands = [c for c in study.candidates if c.length == 2 and not c.pruned and not c.rank]
     return max(cands, key=lambda c: c.chain) if chain_index is None else cands[chain_index]
 
 
@@ -234,3 +234,48 @@ def test_refit_rows_are_the_real_tokens():
     assert not keep.all()                              # token_feeds pads some rows
     assert real_tokens(feeds, (3, 8)) is None and real_tokens(feeds, (2, 8, 32)) is None
     assert real_tokens([{"x": np.zeros((1, 8), np.float32)}], (1, 8, 4)) is None
+
+
+def test_reduced_rank_keeps_more_of_the_fit_than_truncation():
+    from lmopt.passes.linear import DenseSpec
+    from lmopt.passes.lowrank import ranks_for, reduced_rank, truncated
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 32)) * np.linspace(3.0, 0.05, 32) + 0.5    # few strong directions
+    spec = DenseSpec(rng.standard_normal((32, 24)), rng.standard_normal(24))
+    target = x @ spec.weight + spec.bias
+    errors = {}
+    for name, low in (("svd", truncated(spec, 6)), ("rrr", reduced_rank(spec, 6, x))):
+        assert low.first.shape == (32, 6) and low.second.shape == (6, 24)
+        errors[name] = np.linalg.norm(x @ low.first @ low.second + low.bias - target)
+    assert errors["rrr"] < 0.9 * errors["svd"]
+    full = truncated(spec, 24).dense()
+    np.testing.assert_allclose(full.weight, spec.weight, atol=1e-9)
+    assert ranks_for(384, 384) == [96, 48] and ranks_for(32, 32) == [8] and ranks_for(16, 64) == []
+
+
+def test_low_rank_collapse_is_a_candidate_and_its_graph_is_the_factored_map(tmp_path):
+    import onnx_graphsurgeon as gs
+
+    from lmopt.passes.lowrank import truncated
+    from lmopt.passes.merge import BlockBuilder
+    path = tmp_path / "linear_mlp.onnx"
+    save_model(tiny_bert(activation=False), path)
+    study = Study(path, input_shapes=SHAPES, calib_count=8, eval_count=8, cache_path=tmp_path / "c.sqlite",
+                  progress=False, backend_options=FAST, log=lambda *a: None)
+    full = _mlp_collapse(study)
+    low = next(c for c in study.candidates if (c.chain, c.start, c.end) == (full.chain, full.start, full.end)
+               and c.rank)
+    assert low.rank == 8 and low.key.endswith("/r8") and not low.is_original
+    assert low.key in study.latency and low.key in study.damage
+    factored = apply_candidates(study.model, study.analysis, [low])
+    ops = [n.op_type for n in factored.graph.node]
+    assert ops.count("MatMul") == sum(n.op_type == "MatMul" for n in study.model.graph.node)  # 2 -> 2 layers
+    merged, _ = BlockBuilder(gs.import_onnx(study.model), study.analysis.chains[full.chain], full).build()
+    dense = apply_candidates(study.model, study.analysis, [full], {full.key: truncated(merged, 8).dense()})
+    names = ["sentence_embedding"]
+    a = ort.InferenceSession(factored.SerializeToString())
+    b = ort.InferenceSession(dense.SerializeToString())
+    for feed in study.eval_feeds:
+        np.testing.assert_allclose(a.run(names, feed)[0], b.run(names, feed)[0], rtol=1e-4, atol=1e-4)
+    _, report = study.plan(1.0, measure=False)
+    assert report["changes"] == []
