@@ -115,11 +115,12 @@ def other_shape_feed(model: onnx.ModelProto, dims: dict[str, list], planned_feed
 
 def keep_symbolic(source, planned: onnx.ModelProto, analysis: Analysis, changes: list[Candidate],
                   operators: dict, feeds: list[dict]) -> tuple[onnx.ModelProto | None, str]:
-    """(the plan applied to the symbolic-dim model, or None; a one-line note for the report)."""
+    """(the plan applied to the symbolic-dim model, or None; a one-line note for the report, empty when
+    the source has fixed input shapes)."""
     original = name_nodes(source_model(source))
     dims = symbolic_dims(original)
     if not dims:
-        return None, "the model's input shapes are fixed"
+        return None, ""  # nothing to keep: the source has fixed input shapes
     try:
         canonical = canonical_symbolic(onnx.ModelProto.FromString(original.SerializeToString()))
         model = apply_candidates(canonical, analysis, changes, operators)
