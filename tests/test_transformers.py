@@ -279,3 +279,26 @@ def test_low_rank_collapse_is_a_candidate_and_its_graph_is_the_factored_map(tmp_
         np.testing.assert_allclose(a.run(names, feed)[0], b.run(names, feed)[0], rtol=1e-4, atol=1e-4)
     _, report = study.plan(1.0, measure=False)
     assert report["changes"] == []
+
+
+def test_fixed_shape_model_is_written_when_the_plan_does_not_apply_with_symbolic_dims(study, monkeypatch):
+    import lmopt.dynamic
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no")
+
+    monkeypatch.setattr(lmopt.dynamic, "apply_candidates", refuse)
+    model, report = study.plan(1.25, measure=False, rounds=0)
+    assert report["changes"] and report["symbolic_dims"].startswith("kept fixed")
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, SEQ]
+    assert [o.name for o in model.graph.output] == ["input_ids_out", "token_embeddings", "sentence_embedding"]
+
+
+def test_no_symbolic_dims_note_for_a_fixed_shape_source(tmp_path):
+    path = tmp_path / "fixed.onnx"
+    model, _ = canonicalise(tiny_bert(), SHAPES)     # all dims fixed
+    save_model(model, path)
+    study = Study(path, calib_count=4, eval_count=4, cache_path=tmp_path / "c.sqlite", progress=False,
+                  backend_options=FAST, log=lambda *a: None)
+    _, report = study.plan(1.2, measure=False, rounds=0)
+    assert report["symbolic_dims"] == ""
