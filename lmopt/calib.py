@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from .errors import LmoptError
+from .inputs import named_npz_feeds
 from .verify import check_finite, input_specs, random_inputs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -65,10 +66,15 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
                      prep: Preprocess | None = None) -> list[dict[str, np.ndarray]]:
     """Feeds for the model's (single, or first) input from a folder of images, a .npy or a .npz."""
     path = Path(path)
+    if path.suffix.lower() == ".npz" and path.is_file():
+        named = named_npz_feeds(path, model, count)
+        if named is not None:
+            return named
     specs = input_specs(model)
     name, shape, dtype = specs[0]
     if len(specs) > 1:
-        raise LmoptError(f"--calib supports single-input models; this one has {[s[0] for s in specs]}")
+        raise LmoptError(f"--calib for a model with inputs {[s[0] for s in specs]}: "
+                         "give a .npz with one array per input name")
     prep = prep or Preprocess()
     if not path.exists():
         raise LmoptError(f"--calib {path}: no such file or folder")

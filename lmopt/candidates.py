@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .analysis import Analysis, Chain
+from .passes.lowrank import ranks_for
 
 
 @dataclass(frozen=True)
@@ -22,15 +23,17 @@ class Candidate:
     start: int
     end: int
     pruned: tuple[int, ...] = ()   # unit numbers k, start < k <= end
+    rank: int = 0                  # > 0: the merged dense layer factored as in -> rank -> out
 
     @property
     def key(self) -> str:
         text = f"c{self.chain}:{self.start}-{self.end}"
-        return text + (f"/p{'.'.join(map(str, self.pruned))}" if self.pruned else "")
+        text += f"/p{'.'.join(map(str, self.pruned))}" if self.pruned else ""
+        return text + (f"/r{self.rank}" if self.rank else "")
 
     @property
     def is_original(self) -> bool:
-        return self.end == self.start + 1 and not self.pruned
+        return self.end == self.start + 1 and not self.pruned and not self.rank
 
     @property
     def length(self) -> int:
@@ -121,8 +124,10 @@ def pruning_is_valid(chain: Chain, cand: Candidate) -> bool:
 
 
 def enumerate_candidates(analysis: Analysis, graph: gs.Graph, *, max_kernel: int = 7,
-                         max_length: int = 6, max_pruned: int = 2, allow_prune: bool = True) -> list[Candidate]:
-    """Every valid candidate of every chain; original one-layer blocks always included."""
+                         max_length: int = 6, max_pruned: int = 2, allow_prune: bool = True,
+                         low_rank: bool = False) -> list[Candidate]:
+    """Every valid candidate of every chain; original one-layer blocks always included. With
+    `low_rank`, each merged block of a dense chain also comes factored (see passes.lowrank)."""
     nodes = {n.name: n for n in graph.nodes}
     outputs = {t.name for t in graph.outputs}
     consumers = {name: len(t.outputs) for name, t in graph.tensors().items()}
@@ -150,6 +155,10 @@ def enumerate_candidates(analysis: Analysis, graph: gs.Graph, *, max_kernel: int
                         if _conv_extent(nodes, chain, cand) > max_kernel:
                             continue
                     result.append(cand)
+                    widths = chain.units[start].in_shape[-1:] + chain.units[end - 1].out_shape[-1:]
+                    if (low_rank and chain.kind == "dense" and cand.length > 1 and not pruned and len(widths) == 2
+                            and all(isinstance(w, int) for w in widths)):
+                        result += [Candidate(chain.index, start, end, (), r) for r in ranks_for(*widths)]
     return result
 
 

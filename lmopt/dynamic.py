@@ -40,6 +40,8 @@ def keep_dynamic_batch(model: onnx.ModelProto, source: str | os.PathLike) -> tup
     inputs = {vi.name: vi for vi in graph_inputs(model)}
     if any(name not in inputs for name in names):
         return model, "batch kept static: the inputs changed"
+    if all(not inputs[name].type.tensor_type.shape.dim[0].HasField("dim_value") for name in names):
+        return model, "dynamic batch kept (with the source's symbolic dims)"
     batch = inputs[next(iter(names))].type.tensor_type.shape.dim[0].dim_value
     dynamic = onnx.ModelProto()
     dynamic.CopyFrom(model)

@@ -35,9 +35,10 @@ class Scorer:
 
     FETCH_GROUP = 8  # tensors fetched per run of the original: bounds the memory a fetch needs twice
 
-    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], prefetch: list[str]):
-        """`prefetch`: tensors most suffixes will read (the chains' positions)."""
-        self.model, self.feeds = model, feeds
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], prefetch: list[str],
+                 kind: str | None = None):
+        """`prefetch`: tensors most suffixes will read (the chains' positions); `kind`: see verify.compare."""
+        self.model, self.feeds, self.kind = model, feeds, kind
         self.graph = gs.import_onnx(model)
         self.stacked: dict[str, np.ndarray] = {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
         self.reference = None
@@ -68,8 +69,8 @@ class Scorer:
         network the rewrite (nodes named `changed_prefix...`) can change is run."""
         suffix = suffix_model(transformed, changed_prefix, like=self.model)
         if suffix is None:
-            return compare(self.reference, self.reference)
+            return compare(self.reference, self.reference, kind=self.kind)
         wanted = [i.name for i in suffix.graph.input]
         self._fetch(wanted)
         feeds = [{name: self.stacked[name][i] for name in wanted} for i in range(len(self.feeds))]
-        return compare(self.reference, np.stack([outs[0] for outs in run_each(suffix, feeds)]))
+        return compare(self.reference, np.stack([outs[0] for outs in run_each(suffix, feeds)]), kind=self.kind)

@@ -331,11 +331,16 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
     graph = to_graph(model)
     check_conv_sizes(graph)
     steps = {"nodes_in": len(graph.nodes)}
-    try:
-        graph.fold_constants(error_ok=True)
-    except Exception as exc:  # the folder runs onnxruntime; a failure there is not fatal for us
-        steps["fold_constants_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    graph.cleanup()
+    for _ in range(3):  # a fold can settle shapes (Range, Expand in mask arithmetic) that let the next one fold more
+        before = len(graph.nodes)
+        try:
+            graph.fold_constants(error_ok=True)
+        except Exception as exc:  # the folder runs onnxruntime; a failure there is not fatal for us
+            steps["fold_constants_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        graph.cleanup()
+        if len(graph.nodes) == before or "fold_constants_error" in steps:
+            break
+        graph = to_graph(infer_shapes(to_model(graph, like=model)))
     steps["passthrough_removed"] = remove_passthrough_nodes(graph)
     unique_node_names(graph)  # the rewrites below name new weights after their node
     steps["auto_pad_resolved"] = resolve_auto_pad(graph)

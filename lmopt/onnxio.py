@@ -170,12 +170,7 @@ def input_dtype(value_info: onnx.ValueInfoProto):
 
 
 def random_feed(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random inputs for every graph input (floats ~ N(0,1); integers 0, always a valid index)."""
-    feed = {}
-    for vi in graph_inputs(model):
-        dtype, shape = input_dtype(vi), static_shape(vi)
-        if np.issubdtype(dtype, np.floating):
-            feed[vi.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feed[vi.name] = np.zeros(shape, dtype=dtype)
-    return feed
+    """Random inputs for every graph input: floats ~ N(0,1), integers token-like (see lmopt.inputs)."""
+    from .inputs import random_feed as token_like_feed
+
+    return token_like_feed(model, rng)

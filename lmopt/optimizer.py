@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -12,21 +12,26 @@ from .analysis import Analysis, analyse
 from .blocks import block_model
 from .calib import Preprocess, calibration_sets
 from .candidates import Candidate, enumerate_candidates, removed_activations, removed_branches
+from .symbolic import keep_symbolic, with_node_names
 from .errors import LmoptError
+from .inputs import real_tokens
 from .importance import SCORE_VERSION, Scorer, feeds_fingerprint
 from .latency.base import get_backend
 from .latency.cache import LatencyCache
 from .latency.profiler import make_table, profile_blocks, read_table
 from .latency.signature import model_fingerprint, structural_signature
+from .latency_fit import two_point_fit
 from .loader import canonicalise
+from .outputs import compare_outputs, output_kind, primary_first, restore_order
 from .passes.apply import apply_candidates
 from .passes.linear import ConvSpec
+from .passes.lowrank import reduced_rank
 from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
 from .passes.refit import refit_conv, refit_dense
 from .progress import stage
 from .repair import repair as repair_model
-from .select import METHODS, fastest, method_filter, select
-from .verify import compare, compare_outputs, damage, op_table, run_all_outputs, run_outputs
+from .select import METHODS, fastest, fastest_plan, method_filter, select
+from .verify import compare, damage, op_table, run_outputs
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Prepared:
     steps: dict
     analysis: Analysis
     candidates: list[Candidate]
+    output_order: list[str] = field(default_factory=list)  # the source's outputs (the primary is moved first)
 
 
 def candidate_graph(model: onnx.ModelProto, analysis: Analysis, cand: Candidate, operator=None) -> gs.Graph:
@@ -51,13 +57,14 @@ def block_of(model, analysis, cand, graph) -> onnx.ModelProto:
 
 
 def prepare(source, input_shapes=None, max_kernel: int = 7, method: str = "layermerge") -> Prepared:
-    model, steps = canonicalise(source, input_shapes)
+    model, steps = canonicalise(with_node_names(source), input_shapes)
+    order = primary_first(model)
     analysis = analyse(model)
     if not analysis.chains:
         raise LmoptError("no chain of linear layers (Conv, Gemm, MatMul with constant weights) found: nothing to optimize")
-    candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel)
+    candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel, low_rank=True)
                   if method_filter(method, c)]
-    return Prepared(model, steps, analysis, candidates)
+    return Prepared(model, steps, analysis, candidates, order)
 
 
 def chain_models(model: onnx.ModelProto, analysis: Analysis) -> dict[str, onnx.ModelProto]:
@@ -76,7 +83,7 @@ def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: l
     sizes of the chain's inner positions. Each block then gives back beta/2 * size at each inner
     end, so any plan sums to (timed blocks - the boundaries it removes); the original plan sums
     to the chain's own time."""
-    sizes = {t.name: int(np.prod(t.shape)) if t.shape else 0 for t in gs.import_onnx(model).tensors().values()}
+    sizes = {t.name: tensor_size(t.shape) for t in gs.import_onnx(model).tensors().values()}
     corrected = {}
     for chain in analysis.chains:
         mine = [c for c in candidates if c.chain == chain.index]
@@ -91,6 +98,13 @@ def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: l
 
 
 WHOLE_MODEL = "model"
+
+
+def tensor_size(shape) -> int:
+    """Elements of a tensor; a symbolic or unknown dim counts as 1 (0 when the shape is unknown)."""
+    if not shape:
+        return 0
+    return int(np.prod([d if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]))
 
 
 def time_blocks(runner, model: onnx.ModelProto, blocks: dict, cache, progress: bool) -> tuple[dict, dict, float]:
@@ -137,6 +151,7 @@ class Study:
         self.prepared = prepare(source, input_shapes, max_kernel, method)
         model, analysis, candidates = self.prepared.model, self.prepared.analysis, self.prepared.candidates
         self.model, self.analysis, self.candidates = model, analysis, candidates
+        self.source, self.kind = source, output_kind(model, model.graph.output[0].name)
         cal_feeds, self.eval_feeds, self.data_note = calibration_sets(model, calib, calib_count, eval_count, preprocess,
                                                                       eval_data)
         # Half the calibration data fits (refit, repair) and the other half scores candidates and
@@ -162,7 +177,7 @@ class Study:
         # block signatures are cached by model (+ calibration data): a warm run rewrites nothing.
         cache = LatencyCache(cache_path) if cache_path is not False else None
         model_key = model_fingerprint(model)
-        refit_note = "refit" if refit else "plain"
+        refit_note = ("refit-tokens" if refit else "plain") + f"-{self.kind}"  # what the scores depend on
         score_prefix = f"{SCORE_VERSION}:{refit_note}:{model_key}:{feeds_fingerprint(cal_feeds)}:"
         # Blocks to time, one model per structural signature (the same block recurs across a
         # network, and holding hundreds of block models with their weights costs gigabytes).
@@ -208,7 +223,24 @@ class Study:
         # chains timed alone can add up to a little more than the whole model.
         self.fixed_ms = max(0.0, self.whole_ms - sum(self.chain_ms.values()))
         self.estimate_ms = self.fixed_ms + sum(self.latency[c.key] for c in candidates if c.is_original)
+        self.latency_scale = 1.0
+        if self.runner is not None and table is None and all(c.kind == "dense" for c in analysis.chains):
+            self._fit_in_context(candidates)
         self.seconds = time.perf_counter() - started
+
+    def _fit_in_context(self, candidates: list[Candidate]) -> None:
+        """Scale dense blocks' latencies to what they cost inside the network (see lmopt.latency_fit)."""
+        plan = fastest_plan(self.chain_lengths, candidates, self.latency)
+        changes = [c for c in plan or [] if not c.is_original]
+        if not changes:
+            return
+        fast_ms = self.runner.measure(apply_candidates(self.model, self.analysis, changes))
+        original = sum(self.latency[c.key] for c in candidates if c.is_original)
+        fit = two_point_fit(self.whole_ms, original, fast_ms, sum(self.latency[c.key] for c in plan))
+        if fit is not None:
+            self.latency_scale, self.fixed_ms = fit
+            self.latency = {key: ms * self.latency_scale for key, ms in self.latency.items()}
+            self.estimate_ms = self.fixed_ms + self.latency_scale * original
 
     def scorer(self, role: str) -> Scorer:
         """Original activations on the scoring ("score") or fitting ("fit") feeds, made on first
@@ -216,7 +248,7 @@ class Study:
         if role not in self._scorers:
             positions = [p for chain in self.analysis.chains for p in chain.positions]
             feeds = self.score_feeds if role == "score" else self.fit_feeds
-            self._scorers[role] = Scorer(self.model, feeds, positions)
+            self._scorers[role] = Scorer(self.model, feeds, positions, kind=self.kind)
         return self._scorers[role]
 
     def operator_for(self, cand: Candidate):
@@ -238,10 +270,14 @@ class Study:
         if explicit is not None:
             names.append(explicit.tensor)
         values = self.scorer("fit").values(names)
+        keep = real_tokens(self.fit_feeds, values[0].shape) if not isinstance(merged, ConvSpec) else None
+        if keep is not None and all(v.shape[:2] == keep.shape for v in values):
+            values = [v[keep] for v in values]
         target = values[1] - values[2] if explicit is not None else values[1]
         if isinstance(merged, ConvSpec):
             return refit_conv(merged, values[0], target)
-        return refit_dense(merged, values[0], target)
+        fitted = refit_dense(merged, values[0], target)
+        return reduced_rank(fitted, cand.rank, values[0]) if cand.rank and fitted is not None else fitted
 
     def _check_table(self, table: dict, path: str, backend: str | None) -> None:
         if table["model_fingerprint"] != model_fingerprint(self.model):
@@ -279,7 +315,7 @@ class Study:
 
     def check_damage(self, model: onnx.ModelProto) -> float:
         """Damage on the scoring half of the calibration data (never the evaluation data)."""
-        return damage(compare(self.scorer("score").reference, run_outputs(model, self.score_feeds)))
+        return damage(compare(self.scorer("score").reference, run_outputs(model, self.score_feeds), kind=self.kind))
 
     def rescored(self, changes: list[Candidate], damages: dict) -> dict:
         """Damages with each chosen change's in-context cost: how much worse the plan is with it than
@@ -332,19 +368,19 @@ class Study:
         if repair_steps:
             fidelity_unrepaired = compare(reference, run_outputs(
                 apply_candidates(self.model, self.analysis, changes, {c.key: self.operator_for(c) for c in changes}),
-                self.eval_feeds))
+                self.eval_feeds), kind=self.kind)
         distilled = None
         if self.distill_minutes and changes:
             from .distill import distill
 
-            fidelity_undistilled = compare(reference, run_outputs(optimized, self.eval_feeds))
+            fidelity_undistilled = compare(reference, run_outputs(optimized, self.eval_feeds), kind=self.kind)
             features = [self.analysis.chains[c.chain].positions[c.end] for c in changes]
             optimized, distilled = distill(self.model, optimized, features, self.fit_feeds, self.score_feeds,
                                            self.distill_minutes, progress=self.progress)
         onnx.checker.check_model(optimized)
-        by_output = compare_outputs(run_all_outputs(self.model, self.eval_feeds),
-                                    run_all_outputs(optimized, self.eval_feeds))
-        fidelity = next(iter(by_output.values()))
+        fidelity = compare(reference, run_outputs(optimized, self.eval_feeds), kind=self.kind)
+        per_output = compare_outputs(self.model, optimized, self.eval_feeds)
+        per_output = {name: per_output[name] for name in self.prepared.output_order if name in per_output}
         predicted = self.estimate_ms / (self.fixed_ms + planned_ms)
         measured_ms = measured = None
         if self.runner is not None and measure:
@@ -355,6 +391,7 @@ class Study:
             "method": method,
             "backend": self.backend_key,
             "latency_source": self.latency_source,
+            "latency_scale": self.latency_scale,
             "target_met": target_met,
             "original_ms": self.whole_ms,
             "predicted_ms": self.whole_ms / predicted,
@@ -363,7 +400,8 @@ class Study:
             "measured_speedup": measured,
             "prediction_error": None if measured is None else (predicted - measured) / measured,
             "fidelity": fidelity,
-            "fidelity_by_output": by_output,
+            "output": self.model.graph.output[0].name,
+            "outputs": per_output,
             "fidelity_unrepaired": fidelity_unrepaired,
             "repair": [step.to_json() for step in repair_steps] if repair_steps else None,
             "distill": None if distilled is None else {**distilled.to_json(), "fidelity_before": fidelity_undistilled},
@@ -377,7 +415,10 @@ class Study:
             "canonicalisation": self.prepared.steps,
             "seconds": round(self.seconds + time.perf_counter() - started, 1),
         }
-        return optimized, report
+        operators = {c.key: self.operator_for(c) for c in changes}
+        written, report["symbolic_dims"] = keep_symbolic(self.source, optimized, self.analysis, changes, operators,
+                                                         self.eval_feeds)
+        return restore_order(written or optimized, self.prepared.output_order), report
 
 
 def tie_broken(candidates: list[Candidate], latency: dict, damage: dict) -> dict:
@@ -420,7 +461,7 @@ def _describe(analysis: Analysis, cand: Candidate, latency: dict, damage: dict) 
     branches = removed_branches(chain, cand)
     kind = ("remove residual branch" if branches and len(cand.pruned) == cand.length else
             "prune" if len(cand.pruned) == cand.length else
-            "merge" if cand.length > 1 else "prune")
+            f"merge (rank {cand.rank})" if cand.rank else "merge" if cand.length > 1 else "prune")
     return {
         "block": cand.key,
         "action": kind,
@@ -434,6 +475,8 @@ def _describe(analysis: Analysis, cand: Candidate, latency: dict, damage: dict) 
 
 def fidelity_text(fid: dict) -> str:
     text = f"nrmse {fid['nrmse']:.4f}"
+    if "cosine_mean" in fid:
+        text += f", cosine similarity mean {fid['cosine_mean']:.4f} min {fid['cosine_min']:.4f}"
     if "kl" in fid:
         confident = ("n/a" if fid["confident_agreement"] is None else
                      f"{100 * fid['confident_agreement']:.1f}% of {fid['confident_count']}")
@@ -451,6 +494,9 @@ def format_report(report: dict) -> str:
         lines.append("  target out of reach: this is the fastest plan found")
     lines.append(f"  original {report['original_ms']:.3f} ms, predicted {report['predicted_ms']:.3f} ms "
                  f"-> predicted speed-up {report['predicted_speedup']:.2f}x")
+    if report.get("latency_scale", 1.0) != 1.0:
+        lines.append(f"  block latencies x{report['latency_scale']:.2f}: dense layers cost more inside the network "
+                     "than timed alone (fit to the original and the fastest plan, measured whole)")
     if report["measured_speedup"] is not None:
         before, after = report["measured_ms"]
         lines.append(f"  measured (interleaved, one process): {before:.3f} ms -> {after:.3f} ms "
@@ -460,9 +506,11 @@ def format_report(report: dict) -> str:
     for label, fid in (("before repair", report.get("fidelity_unrepaired")), ("", report["fidelity"])):
         if fid is not None:
             lines.append(f"  fidelity on evaluation inputs{' ' + label if label else ''}: {fidelity_text(fid)}")
-    if len(report.get("fidelity_by_output", {})) > 1:
-        for name, fid in report["fidelity_by_output"].items():
+    if len(report.get("outputs") or {}) > 1:
+        for name, fid in report["outputs"].items():
             lines.append(f"    output {name}: {fidelity_text(fid)}")
+    if report.get("symbolic_dims"):
+        lines.append(f"  written model: {report['symbolic_dims']}")
     lines.append(f"  importance from {report['importance_data']}"
                  + ("; merged layers refit by least squares on it" if report.get("refit") else ""))
     if report.get("distill"):

@@ -16,12 +16,12 @@ METHODS = ("layermerge", "kim2023", "prune")
 
 
 def method_filter(method: str, cand: Candidate) -> bool:
-    """Which candidates a method may use. kim2023: activation removal and merging (no pruning);
+    """Which candidates a method may use. kim2023: activation removal and merging (no pruning, no low rank);
     prune: only whole layers or residual branches removed (a knapsack over layers)."""
     if method == "layermerge" or cand.is_original:
         return True
     if method == "kim2023":
-        return not cand.pruned
+        return not cand.pruned and not cand.rank
     if method == "prune":
         return len(cand.pruned) == cand.length
     raise ValueError(method)

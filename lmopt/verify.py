@@ -127,8 +127,17 @@ def is_classifier(reference: np.ndarray) -> bool:
     return reference.ndim >= 2 and reference.shape[-1] > 1 and reference[0].ndim <= 2
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """How far `candidate` moved from `reference` (both stacked over samples)."""
+def cosine(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each vector (last axis) of `candidate` to the same vector of `reference`."""
+    a = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    b = candidate.reshape(-1, candidate.shape[-1]).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(1) / np.maximum(norms, 1e-30), 1.0)
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, kind: str | None = None) -> dict:
+    """How far `candidate` moved from `reference` (both stacked over samples). `kind` "embedding":
+    cosine similarity per vector instead of the classifier measures (see lmopt.outputs)."""
     diff = np.abs(candidate.astype(np.float64) - reference)
     scale = float(np.abs(reference).max()) or 1.0
     result = {
@@ -136,7 +145,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "max_rel": float(diff.max() / scale),
         "nrmse": float(np.sqrt((diff ** 2).mean() / max((reference.astype(np.float64) ** 2).mean(), 1e-30))),
     }
-    if is_classifier(reference):
+    if kind == "embedding":
+        cos = cosine(reference, candidate)
+        result["cosine_mean"], result["cosine_min"] = float(cos.mean()), float(cos.min())
+    elif is_classifier(reference):
         ref_logp, new_logp = log_probabilities(reference), log_probabilities(candidate)
         kl = (np.exp(ref_logp) * (ref_logp - new_logp)).sum(axis=-1)
         agree = reference.argmax(-1) == candidate.argmax(-1)
@@ -156,8 +168,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
 def damage(metrics: dict) -> float:
     """One number for how much a change hurts (lower is better), independent of the output's scale:
     for classifiers KL plus the fraction of top-1 answers changed (KL alone calls everything free
-    when logits are tiny), else NRMSE^2. NaN or inf is an error, never a score."""
-    value = metrics["kl"] + 1.0 - metrics["top1_agreement"] if "kl" in metrics else metrics["nrmse"] ** 2
+    when logits are tiny), for embeddings 1 - mean cosine similarity, else NRMSE^2. NaN or inf is an
+    error, never a score."""
+    value = (metrics["kl"] + 1.0 - metrics["top1_agreement"] if "kl" in metrics else
+             1.0 - metrics["cosine_mean"] if "cosine_mean" in metrics else metrics["nrmse"] ** 2)
     if not np.isfinite(value):
         raise LmoptError("a fidelity score is NaN or inf: the model (or a rewrite of it) gives non-finite outputs "
                          "on the calibration data")

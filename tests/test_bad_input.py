@@ -167,8 +167,8 @@ def test_json_report_is_written_with_the_model(tmp_path, capfd, cache_dir):
     assert code == 0, err
     report = json.loads(report_path.read_text())
     # several outputs: each one's fidelity is in the report, by name
-    assert set(report["fidelity_by_output"]) == {"y", "r0"}
-    assert report["fidelity"] == report["fidelity_by_output"]["y"]
+    assert set(report["outputs"]) == {"y", "r0"}
+    assert report["fidelity"] == report["outputs"]["y"]
     assert out_path.exists()
 
 

