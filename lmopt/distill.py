@@ -109,8 +109,10 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: li
     def check_damage(model: onnx.ModelProto) -> float:
         return damage(compare(reference_check, run_with_outputs(model, check_feeds, [])[0]))
 
+    # Features are block-end tensors present in both graphs (a removed residual branch leaves none).
     existing = {o.name for o in compressed.graph.output}
-    features = [name for name in features if name not in existing]
+    produced = {name for node in compressed.graph.node for name in node.output}
+    features = [name for name in dict.fromkeys(features) if name in produced and name not in existing]
     first_feature = len(compressed.graph.output)
     student_model = _with_outputs(_batchable(compressed, batch), features)
     module = translate(student_model)

@@ -120,3 +120,20 @@ def test_distillation_improves_fidelity_on_unseen_data(resnet):
     assert [n.op_type for n in distilled.graph.node] == [n.op_type for n in compressed.graph.node]
     assert {i.name: tuple(i.dims) for i in distilled.graph.initializer} == \
         {i.name: tuple(i.dims) for i in compressed.graph.initializer}
+
+
+def test_distillation_runs_when_a_block_end_is_removed_with_its_branch(resnet):
+    pytest.importorskip("torch", reason="PyTorch not installed: --distill needs the lmopt[torch] extra")
+    from lmopt.candidates import removed_branches
+    from lmopt.distill import distill
+
+    model, analysis, candidates = resnet
+    cand = next(c for c in candidates if removed_branches(analysis.chains[c.chain], c))
+    compressed = apply_candidates(model, analysis, [cand])
+    first_pruned = analysis.chains[cand.chain].units[cand.start].layer
+    gone = next(node.output[0] for node in model.graph.node if node.name == first_pruned)
+    assert gone not in {name for node in compressed.graph.node for name in node.output}
+    end = analysis.chains[cand.chain].positions[cand.end]
+    distilled, report = distill(model, compressed, [gone, end], feeds(16, seed=1), feeds(8, seed=2), minutes=0.05)
+    assert report.epochs >= 1
+    assert [n.op_type for n in distilled.graph.node] == [n.op_type for n in compressed.graph.node]
