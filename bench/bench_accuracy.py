@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import numpy as np
+import onnx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,7 +42,7 @@ from models.efficientnet_lite import NAMES, image_size, save  # noqa: E402
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite's preprocessing: (x - 127) / 128
 
-CONFIGS = ("plain", "repair", "kim2023", "prune", "distill")
+CONFIGS = ("int8", "plain", "repair", "kim2023", "prune", "distill")
 
 
 def int8_model(model_path: pathlib.Path, calib: np.ndarray, out: pathlib.Path) -> pathlib.Path:
@@ -101,17 +102,15 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
     print(f"{name}: study {time.perf_counter() - started:.0f} s, {len(study.candidates)} candidates", flush=True)
     rows = []
     reference = run_outputs(study.model, study.eval_feeds)
-    with tempfile.TemporaryDirectory() as tmp:
-        quantized = int8_model(model_path, np.load(calib_path), pathlib.Path(tmp) / "int8.onnx")
-        import onnx
-
-        q = onnx.load(quantized)
-        fidelity = compare(reference, run_outputs(q, study.eval_feeds))
-        before, after = study.runner.measure_interleaved([study.model, q])
+    if "int8" in args.configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            quantized = onnx.load(int8_model(model_path, np.load(calib_path), pathlib.Path(tmp) / "int8.onnx"))
+        fidelity = compare(reference, run_outputs(quantized, study.eval_feeds))
+        before, after = study.runner.measure_interleaved([study.model, quantized])
         rows.append(row(name, "int8 PTQ", None, None, fidelity, before / after))
         print(markdown(rows[-1:]), flush=True)
     for target in args.targets:
-        for config in args.configs:
+        for config in (c for c in args.configs if c != "int8"):
             method = config if config in ("kim2023", "prune") else "layermerge"
             study.repair = config != "plain"
             study.distill_minutes = args.distill_minutes if config == "distill" else 0.0
@@ -129,7 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES))
     parser.add_argument("--targets", nargs="+", type=float, default=[1.25, 1.5, 2.0])
-    parser.add_argument("--configs", nargs="+", default=["plain", "repair", "kim2023", "prune"], choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=["int8", "plain", "repair", "kim2023", "prune"],
+                        choices=CONFIGS)
     parser.add_argument("--distill-minutes", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--calib-count", type=int, default=256)
