@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from .errors import LmoptError
 from .repair import run_with_outputs
-from .verify import compare, damage, is_classifier
+from .verify import compare, damage, free_batch, is_classifier
 
 log = logging.getLogger("lmopt.distill")
 
@@ -38,20 +38,6 @@ class DistillReport:
     def to_json(self) -> dict:
         return {"minutes": round(self.minutes, 2), "epochs": self.epochs,
                 "check_damage_before": self.check_damage_before, "check_damage_after": self.check_damage_after}
-
-
-def _batchable(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A copy whose constant Reshape targets copy the batch dim (0) instead of fixing it, so the
-    student can be trained on batches."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Reshape" and node.input[1] in inits:
-            shape = numpy_helper.to_array(inits[node.input[1]]).copy()
-            if shape.size and shape[0] == batch:
-                shape[0] = 0
-                inits[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
-    return model
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -102,7 +88,6 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: li
     if len(compressed.graph.input) != 1 or len(train_feeds) < 2 or not check_feeds:
         raise LmoptError("--distill needs a single-input model and at least 2 calibration samples")
     input_name = compressed.graph.input[0].name
-    batch = train_feeds[0][input_name].shape[0]
     reference_check = run_with_outputs(original, check_feeds, [])[0]
     classifier = is_classifier(reference_check[None] if reference_check.ndim == 2 else reference_check)
 
@@ -114,7 +99,7 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: li
     produced = {name for node in compressed.graph.node for name in node.output}
     features = [name for name in dict.fromkeys(features) if name in produced and name not in existing]
     first_feature = len(compressed.graph.output)
-    student_model = _with_outputs(_batchable(compressed, batch), features)
+    student_model = _with_outputs(free_batch(compressed), features)
     module = translate(student_model)
     trainable = _trainable(compressed)
     params = []
