@@ -23,7 +23,7 @@ from .analysis import Analysis
 from .candidates import Candidate
 from .loader import to_model
 from .passes.linear import ConvSpec, DenseSpec
-from .passes.merge import layer_spec
+from .passes.merge import layer_spec, rewrite_prefix
 from .passes.refit import refit_conv, refit_dense
 from .verify import compare, damage, run_each
 
@@ -64,8 +64,8 @@ def repair_targets(optimized: onnx.ModelProto, analysis: Analysis, changes: list
     wanted = set()
     for cand in changes:
         for op in ("Conv", "Gemm"):
-            if f"lmopt[{cand.key}]/{op}" in names:
-                wanted.add(f"lmopt[{cand.key}]/{op}")
+            if rewrite_prefix(cand) + op in names:
+                wanted.add(rewrite_prefix(cand) + op)
         chain = analysis.chains[cand.chain]
         if cand.end < len(chain) and (cand.chain, cand.end) not in changed_starts:
             layer = chain.units[cand.end].layer
