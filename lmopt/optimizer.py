@@ -140,7 +140,7 @@ class Study:
 
     def __init__(self, source, *, method: str = "layermerge", backend: str | None = None,
                  calib: str | None = None, preprocess: Preprocess | None = None, calib_count: int | None = None,
-                 eval_count: int | None = None, eval_data: str | None = None, repair: bool = True,
+                 eval_count: int | None = None, eval_data: str | None = None, repair: bool = False,
                  distill_minutes: float = 0.0,
                  input_shapes: dict | None = None, latency_table: str | None = None,
                  max_kernel: int = 7, cache_path=None, progress: bool = True, refit: bool = True,
