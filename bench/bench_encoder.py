@@ -129,19 +129,22 @@ def embeddings(path_or_model, feeds: list[dict]) -> np.ndarray:
     return np.concatenate([sess.run(["sentence_embedding"], feed)[0] for feed in feeds])
 
 
-def time_pair(first: pathlib.Path, second: pathlib.Path, feed: dict, runs: int = 200) -> tuple[float, float]:
-    """Median ms of two ONNX files run alternately in one process (2 threads, no spinning, as lmopt times)."""
+def bench_session(source):
+    """An ORT CPU session as lmopt times (2 threads, no spinning) of an ONNX file or ModelProto."""
     import onnxruntime as ort
 
-    def session(path):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = 2
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = source.SerializeToString() if hasattr(source, "SerializeToString") else str(source)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
-    sessions, times = [session(first), session(second)], ([], [])
-    for _ in range(20):
+
+def time_pair(first, second, feed: dict, runs: int = 200, warmup: int = 20) -> tuple[float, float]:
+    """Median ms of two ONNX files or models run alternately in one process."""
+    sessions, times = [bench_session(first), bench_session(second)], ([], [])
+    for _ in range(warmup):
         for sess in sessions:
             sess.run(None, feed)
     for _ in range(runs):

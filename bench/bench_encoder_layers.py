@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -29,15 +27,10 @@ from lmopt.loader import replace_uses, to_model
 from lmopt.optimizer import prepare
 from lmopt.repair import run_with_outputs
 
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_encoder import bench_session, time_pair  # noqa: E402
+
 LAYERS = 6
-
-
-def session(model):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 2
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def replaced(model, x_name: str, y_name: str, fit: tuple[np.ndarray, np.ndarray] | None):
@@ -61,19 +54,6 @@ def replaced(model, x_name: str, y_name: str, fit: tuple[np.ndarray, np.ndarray]
     return to_model(graph, like=model)
 
 
-def timed_pair(first, second, feed, runs: int = 100) -> tuple[float, float]:
-    sessions, times = [session(first), session(second)], ([], [])
-    for _ in range(10):
-        for sess in sessions:
-            sess.run(None, feed)
-    for _ in range(runs):
-        for sess, out in zip(sessions, times):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            out.append(time.perf_counter() - start)
-    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT / "bench" / "out" / "encoder_data"))
@@ -95,7 +75,7 @@ def main() -> None:
     values = run_with_outputs(model, fit_feeds, inputs + [last])[1:]
     keep = real_tokens(fit_feeds, values[0].shape)
     output = model.graph.output[0].name
-    reference = np.concatenate([session(model).run([output], f)[0] for f in eval_feeds])
+    reference = np.concatenate([bench_session(model).run([output], f)[0] for f in eval_feeds])
     print("| layer | replaced by | cosine mean | cosine min | latency (original -> replaced) |")
     print("|---|---|---|---|---|")
     for i in range(LAYERS):
@@ -103,10 +83,10 @@ def main() -> None:
             fit = None if kind == "identity" else (values[i][keep].astype(np.float64),
                                                    values[i + 1][keep].astype(np.float64))
             probe = replaced(model, inputs[i], outputs[i], fit)
-            sess = session(probe)
+            sess = bench_session(probe)
             new = np.concatenate([sess.run([output], f)[0] for f in eval_feeds])
             cos = (new * reference).sum(1) / np.linalg.norm(new, axis=1) / np.linalg.norm(reference, axis=1)
-            before, after = timed_pair(model, probe, eval_feeds[0])
+            before, after = time_pair(model, probe, eval_feeds[0], runs=100, warmup=10)
             print(f"| {i} | {kind} | {cos.mean():.4f} | {cos.min():.4f} | {before:.2f} -> {after:.2f} ms "
                   f"({before / after:.2f}x) |", flush=True)
 

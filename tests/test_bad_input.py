@@ -22,9 +22,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lmopt.cli import main
 from lmopt.latency.cache import LatencyCache
 from lmopt.onnxio import DEFAULT_OPSET, runtime_compatible
+from test_cli import call  # (exit code, stdout, stderr) of one CLI run
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--backend", "ort-cpu", "-q", "--no-measure", "--calib-count", "2", "--eval-count", "2"]
@@ -32,15 +32,6 @@ QUICK = ["--backend", "ort-cpu", "-q", "--no-measure", "--calib-count", "2", "--
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def call(argv, capfd):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code, out, err, *needles):
@@ -326,7 +317,6 @@ def slow(args):
     time.sleep(30)
 tool.run = slow
 atexit.register(time.sleep, 3)  # like runtime threads winding down: a second Ctrl-C lands here
-from lmopt.cli import main
 sys.exit(main(["inspect", "unused.onnx"]))
 """
 
