@@ -317,6 +317,7 @@ def slow(args):
     time.sleep(30)
 tool.run = slow
 atexit.register(time.sleep, 3)  # like runtime threads winding down: a second Ctrl-C lands here
+from lmopt.cli import main
 sys.exit(main(["inspect", "unused.onnx"]))
 """
 
