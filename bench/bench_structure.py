@@ -22,7 +22,8 @@ from lmopt.cli.merge import merge_model  # noqa: E402
 from lmopt.loader import canonicalise  # noqa: E402
 from lmopt.passes.activations import remove_activation  # noqa: E402
 from lmopt.passes.cleanup import finish  # noqa: E402
-from lmopt.verify import compare, random_inputs, run_outputs  # noqa: E402
+from lmopt.inputs import random_feeds  # noqa: E402
+from lmopt.verify import compare, run_outputs  # noqa: E402
 from models.build import ensure_model  # noqa: E402
 from models.pretrained import find_pretrained  # noqa: E402
 from models.zoo import NAMES  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> int:
         started = time.perf_counter()
         linear = without_activations(model)
         merged, chosen, skipped = merge_model(linear, allow_inexact=False)
-        feeds = random_inputs(linear, 2)
+        feeds = random_feeds(linear, 2)
         metrics = compare(run_outputs(linear, feeds), run_outputs(merged, feeds))
         merge_rows.append(f"| {name} | {len(chosen)} | {len(skipped)} | {metrics['max_rel']:.2e} | "
                           f"{len(linear.graph.node)} -> {len(merged.graph.node)} | {time.perf_counter() - started:.0f} |")

@@ -9,7 +9,8 @@ import onnx
 
 from .errors import LmoptError
 from .inputs import named_npz_feeds
-from .verify import check_finite, input_specs, random_inputs
+from .inputs import random_feeds
+from .verify import check_finite, input_specs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -153,7 +154,7 @@ def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int | Non
     default = DEFAULT_COUNT if calib is not None else DEFAULT_RANDOM_COUNT
     count, eval_count = count or default, eval_count or default
     if calib is None:
-        feeds = random_inputs(model, count + eval_count, seed=0)
+        feeds = random_feeds(model, count + eval_count)
         cals, evals = feeds[:count], feeds[count:]
         note = "random inputs (importance then reflects the structure only)"
     elif eval_data is not None:

@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .onnxio import graph_inputs, random_feed, runtime_compatible
+from .inputs import random_feeds
+from .onnxio import graph_inputs, runtime_compatible
 
 TOLERANCE = 1e-4  # relative to the largest output magnitude
 
@@ -56,8 +57,7 @@ def keep_dynamic_batch(model: onnx.ModelProto, source: str | os.PathLike) -> tup
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
             dims[0].Clear()
             dims[0].dim_param = label
-    rng = np.random.default_rng(0)
-    halves = [random_feed(model, rng), random_feed(model, rng)]
+    halves = random_feeds(model, 2)
     try:
         static_run = quiet_session(model)
         expected = [np.concatenate(parts) for parts in zip(*(static_run.run(None, feed) for feed in halves))]

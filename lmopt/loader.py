@@ -18,8 +18,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import onnxio
-from .errors import LmoptError
-from .onnxio import graph_inputs, load_model, max_ir_version, random_feed, runtime_compatible
+from .errors import LmoptError, one_line
+from .inputs import random_feeds
+from .onnxio import graph_inputs, load_model, max_ir_version, runtime_compatible
 
 # Newest default-domain opset this onnx build knows; newer models cannot be checked or run here.
 MAX_KNOWN_OPSET = onnx.defs.onnx_opset_version()
@@ -95,8 +96,7 @@ def check_opsets(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise LmoptError(f"invalid ONNX model: {first}") from None
+        raise LmoptError(f"invalid ONNX model: {one_line(exc, 'invalid model')}") from None
 
 
 # Ops of quantized graphs (QDQ, QOperator, integer ops; com.microsoft's QLinear* too).
@@ -130,8 +130,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             onnx.external_data_helper.load_external_data_for_model(inferred, folder)
             return inferred
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LmoptError(f"shape inference failed: {first}") from None
+        raise LmoptError(f"shape inference failed: {one_line(exc, type(exc).__name__)}") from None
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -174,7 +173,7 @@ def fill_missing_shapes(model: onnx.ModelProto) -> int:
     try:
         session = ort.InferenceSession(runtime_compatible(probe).SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
-        values = session.run(missing, random_feed(model, np.random.default_rng(0)))
+        values = session.run(missing, random_feeds(model, 1)[0])
     except Exception:  # noqa: BLE001 - without ORT's help the shapes stay unknown, as before
         return 0
     by_name = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
@@ -336,7 +335,7 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
         try:
             graph.fold_constants(error_ok=True)
         except Exception as exc:  # the folder runs onnxruntime; a failure there is not fatal for us
-            steps["fold_constants_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            steps["fold_constants_error"] = one_line(exc, type(exc).__name__)
         graph.cleanup()
         if len(graph.nodes) == before or "fold_constants_error" in steps:
             break

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import LmoptError
+from .errors import LmoptError, one_line
 
 # Opset used for every model lmopt builds itself (blocks, test chains, the model zoo).
 # 17 is accepted by onnxruntime >= 1.14 and by TensorRT 10.3 (JetPack 6).
@@ -55,7 +55,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        raise LmoptError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'})") from None
+        raise LmoptError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {one_line(exc, 'truncated or corrupt')})") from None
     if not model.graph.node:
         raise LmoptError(f"{path}: not a readable ONNX model (the graph has no nodes)")
     return model
@@ -167,10 +167,3 @@ def input_dtype(value_info: onnx.ValueInfoProto):
         raise LmoptError(f"input {value_info.name!r} has element type "
                          f"{onnx.TensorProto.DataType.Name(elem)}, which lmopt does not feed")
     return NP_TYPES[elem]
-
-
-def random_feed(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random inputs for every graph input: floats ~ N(0,1), integers token-like (see lmopt.inputs)."""
-    from .inputs import random_feed as token_like_feed
-
-    return token_like_feed(model, rng)

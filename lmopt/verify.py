@@ -8,18 +8,12 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from .errors import LmoptError
-from .onnxio import graph_inputs, input_dtype, random_feed, runtime_compatible, static_shape
+from .errors import LmoptError, one_line
+from .onnxio import graph_inputs, input_dtype, runtime_compatible, static_shape
 
 def input_specs(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...], type]]:
     """(name, static shape, numpy dtype) of each graph input."""
     return [(vi.name, static_shape(vi), input_dtype(vi)) for vi in graph_inputs(model)]
-
-
-def random_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """`count` random feeds (floats ~ N(0,1)) for a model with static shapes."""
-    rng = np.random.default_rng(seed)
-    return [random_feed(model, rng) for _ in range(count)]
 
 
 def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
@@ -32,7 +26,7 @@ def session(model: onnx.ModelProto, threads: int | None = None) -> ort.Inference
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise LmoptError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise LmoptError(f"onnxruntime cannot load the model: {one_line(exc)}") from None
     finally:
         model.ir_version = ir_version
 

@@ -115,12 +115,12 @@ def graphs():
 @pytest.mark.parametrize("name,model", list(graphs()), ids=[n for n, _ in graphs()])
 def test_torch_translator_matches_onnxruntime(name, model):
     torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch to test the translator)")
-    from lmopt.latency.base import random_inputs
+    from lmopt.inputs import random_feeds
     from lmopt.latency.torch_translate import translate
 
     for vi in model.graph.input:  # outputs were left untyped above; inputs are static
         assert all(d.dim_value > 0 for d in vi.type.tensor_type.shape.dim)
-    feeds = random_inputs(model, seed=1)
+    feeds = random_feeds(model, 1, seed=1)[0]
     expected = ort.InferenceSession(runtime_compatible(model).SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(None, feeds)
     module = translate(model)

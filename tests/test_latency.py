@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lmopt.errors import LmoptError
 from lmopt.latency import (LatencyBackend, LatencyCache, default_cache_path, get_backend, make_table,
                            model_fingerprint, profile_blocks, read_table, structural_signature, write_table)
-from lmopt.latency.base import random_inputs
+from lmopt.inputs import random_feeds
 from lmopt.latency.fp16 import convert_to_fp16
 from lmopt.onnxio import DEFAULT_OPSET, max_ir_version, runtime_compatible
 
@@ -256,7 +256,7 @@ def test_get_backend_unknown_name_is_one_line():
 
 
 def test_random_inputs_follow_value_info():
-    feeds = random_inputs(conv_block(channels=4, size=5, batch=2))
+    feeds = random_feeds(conv_block(channels=4, size=5, batch=2), 1)[0]
     (name, array), = feeds.items()
     assert array.shape == (2, 4, 5, 5) and array.dtype == np.float32
 

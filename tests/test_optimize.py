@@ -11,7 +11,6 @@ from lmopt.cli import main
 from lmopt.errors import LmoptError
 from lmopt.onnxio import save_model
 from lmopt.optimizer import Study
-from lmopt.latency.base import LatencyBackend
 from models.zoo import build
 
 FAST = {"runs": 3, "min_time_s": 0.0, "warmup_s": 0.0}   # timing quality is not under test

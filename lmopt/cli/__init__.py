@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from ..errors import LmoptError
+from ..errors import LmoptError, one_line
 
 # Each tool module defines add_parser(subparsers) -> parser and run(args) -> int exit code.
 TOOLS = ["inspect", "merge", "profile", "optimize", "build"]
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("LMOPT_DEBUG"):
             raise
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"lmopt {args.tool}: internal error: {type(exc).__name__}: {detail} (LMOPT_DEBUG=1 shows the traceback)",
+        print(f"lmopt {args.tool}: internal error: {type(exc).__name__}: {one_line(exc)} (LMOPT_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 2
 

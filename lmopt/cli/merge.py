@@ -10,10 +10,11 @@ from ..analysis import analyse
 from ..candidates import merge_runs
 from ..dynamic import keep_dynamic_batch
 from ..errors import LmoptError
+from ..inputs import random_feeds
 from ..onnxio import check_writable, load_model, save_model
 from ..passes.apply import apply_candidates
 from ..passes.merge import BlockBuilder
-from ..verify import compare_outputs, format_op_table, op_table, random_inputs, run_all_outputs
+from ..verify import compare_outputs, format_op_table, op_table, run_all_outputs
 from .common import add_model_arguments, load_canonical, print_json
 
 # An exact merge may differ by float rounding: this much relative to the largest output magnitude,
@@ -71,7 +72,7 @@ def run(args) -> int:
                 if skipped else " (no run of linear layers without an activation between them)")
                 + f"; wrote {args.output} as a copy of the input")
         return 0
-    feeds = random_inputs(model, args.samples)
+    feeds = random_feeds(model, args.samples)
     reference = run_all_outputs(model, feeds)
     by_output = compare_outputs(reference, run_all_outputs(merged, feeds))
     worst = max(by_output.values(), key=lambda m: m["max_rel"])

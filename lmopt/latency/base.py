@@ -22,11 +22,10 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import onnx
 
-from ..errors import LmoptError
-from ..onnxio import graph_inputs, random_feed, static_shape  # noqa: F401  (re-exported for backends)
+from ..errors import LmoptError, one_line
+from ..onnxio import graph_inputs, static_shape  # noqa: F401  (re-exported for backends)
 
 PRECISIONS = ("fp32", "fp16")
 # trtexec's kENQUEUE_BOUND_REPORTING_THRESHOLD: enqueue-bound when median enqueue time > 0.8 x median GPU time.
@@ -228,11 +227,6 @@ class LatencyBackend(abc.ABC):
 
 # --- helpers for backends ---------------------------------------------------------------------
 
-def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds for every input of a block (see onnxio.random_feed)."""
-    return random_feed(model, np.random.default_rng(seed))
-
-
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     clone = onnx.ModelProto()
     clone.CopyFrom(model)
@@ -280,11 +274,6 @@ def physical_cores() -> int:
         pass
     count = len(cores) or allowed
     return max(1, min(count, allowed))
-
-
-def one_line(text: str) -> str:
-    """Collapse a message to one line (the CLI prints errors as one line)."""
-    return " ".join(str(text).split())
 
 
 # --- registry --------------------------------------------------------------------------------

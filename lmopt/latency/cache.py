@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import LmoptError
+from ..errors import LmoptError, one_line
 
 
 def default_cache_dir() -> Path:
@@ -58,7 +58,7 @@ class LatencyCache:
                     raise  # someone else's file: refused below, never moved
                 aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.path, aside)
-                print(f"lmopt: the latency cache {self.path} was damaged ({str(exc).splitlines()[0]}); moved it to "
+                print(f"lmopt: the latency cache {self.path} was damaged ({one_line(exc)}); moved it to "
                       f"{aside} and started a new one", file=sys.stderr)
                 self._open(timeout)
         except sqlite3.DatabaseError as exc:

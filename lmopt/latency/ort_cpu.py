@@ -11,7 +11,8 @@ import onnx
 
 from ..errors import LmoptError
 from ..onnxio import runtime_compatible
-from .base import LatencyBackend, Session, copy_model, cpu_name, one_line, physical_cores, random_inputs
+from ..inputs import random_feeds
+from .base import LatencyBackend, Session, copy_model, cpu_name, one_line, physical_cores
 
 
 class _OrtSession(Session):
@@ -80,7 +81,7 @@ class OrtCpuBackend(LatencyBackend):
     def _open(self, model: onnx.ModelProto) -> Session:
         import onnxruntime as ort
 
-        feeds = random_inputs(model)
+        feeds = random_feeds(model, 1)[0]
         try:
             session = ort.InferenceSession(ort_bytes(model), session_options(self.threads),
                                            providers=["CPUExecutionProvider"])

@@ -27,7 +27,8 @@ import onnx
 
 from ..errors import LmoptError
 from ..onnxio import input_dtype, static_shape
-from .base import EventTimedSession, LatencyBackend, Session, one_line, random_inputs
+from ..inputs import random_feeds
+from .base import EventTimedSession, LatencyBackend, Session, one_line
 from .cache import default_cache_dir, key_text
 from .fp16 import convert_to_fp16
 from .ort_cpu import ort_bytes
@@ -145,7 +146,7 @@ class _OrtGpuBackend(LatencyBackend):
     def _open(self, model: onnx.ModelProto) -> Session:
         import numpy as np
 
-        feeds = random_inputs(model)
+        feeds = random_feeds(model, 1)[0]
         prepared = self._prepare(model)
         half = np.float16 if self.precision == "fp16" and prepared is not model else None
         outputs = output_specs(prepared)

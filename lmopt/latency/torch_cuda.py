@@ -18,7 +18,8 @@ import contextlib
 import onnx
 
 from ..errors import LmoptError
-from .base import EventTimedSession, LatencyBackend, Session, one_line, random_inputs
+from ..inputs import random_feeds
+from .base import EventTimedSession, LatencyBackend, Session, one_line
 
 
 def torch_status() -> str | None:
@@ -41,7 +42,7 @@ class _TorchSession(EventTimedSession):
 
         self.torch = torch
         module = translate(model).to("cuda")
-        feeds = random_inputs(model)
+        feeds = random_feeds(model, 1)[0]
         inputs = []
         for array in feeds.values():
             tensor = torch.from_numpy(np.ascontiguousarray(array)).to("cuda")
