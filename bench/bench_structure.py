@@ -14,14 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import onnx_graphsurgeon as gs  # noqa: E402
 
-from lmopt.analysis import analyse  # noqa: E402
 from lmopt.cli.inspect import summary  # noqa: E402
-from lmopt.cli.merge import merge_model  # noqa: E402
+from lmopt.passes.merge_runs import merge_linear_runs  # noqa: E402
 from lmopt.loader import canonicalise  # noqa: E402
-from lmopt.passes.activations import remove_activation  # noqa: E402
-from lmopt.passes.cleanup import finish  # noqa: E402
+from lmopt.passes.activations import without_activations  # noqa: E402
 from lmopt.inputs import random_feeds  # noqa: E402
 from lmopt.verify import compare, run_outputs  # noqa: E402
 from models.build import ensure_model  # noqa: E402
@@ -32,14 +29,6 @@ PRETRAINED_SHAPES = {"text_direction": {"x": [1, 3, 48, 192]}, "doc_orientation"
 LAYERMERGE = {"resnet34": "62 blocks / 150 entries", "mobilenetv2_1.0": "171 blocks / 391 entries"}
 
 
-def without_activations(model):
-    """The model with every activation on a chain removed (as if replaced by Identity)."""
-    graph = gs.import_onnx(model)
-    for chain in analyse(model).chains:
-        for unit in chain.units:
-            if unit.act:
-                remove_activation(graph, unit.act)
-    return finish(graph, like=model)
 
 
 def main() -> int:
@@ -66,7 +55,7 @@ def main() -> int:
             continue
         started = time.perf_counter()
         linear = without_activations(model)
-        merged, chosen, skipped = merge_model(linear, allow_inexact=False)
+        merged, chosen, skipped = merge_linear_runs(linear, allow_inexact=False)
         feeds = random_feeds(linear, 2)
         metrics = compare(run_outputs(linear, feeds), run_outputs(merged, feeds))
         merge_rows.append(f"| {name} | {len(chosen)} | {len(skipped)} | {metrics['max_rel']:.2e} | "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from .loader import constant_values
+from .graph import constant_values
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from .loader import remove_passthrough_nodes, to_model
+from .graph import remove_passthrough_nodes, to_model
 
 
 def upstream_nodes(tensors: list[gs.Tensor]) -> set[int]:

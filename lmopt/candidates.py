@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .analysis import Analysis, Chain
-from .passes.lowrank import ranks_for
+from .algebra.lowrank import ranks_for
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def enumerate_candidates(analysis: Analysis, graph: gs.Graph, *, max_kernel: int
                          max_length: int = 6, max_pruned: int = 2, allow_prune: bool = True,
                          low_rank: bool = False) -> list[Candidate]:
     """Every valid candidate of every chain; original one-layer blocks always included. With
-    `low_rank`, each merged block of a dense chain also comes factored (see passes.lowrank)."""
+    `low_rank`, each merged block of a dense chain also comes factored (see algebra.lowrank)."""
     nodes = {n.name: n for n in graph.nodes}
     outputs = {t.name for t in graph.outputs}
     consumers = {name: len(t.outputs) for name, t in graph.tensors().items()}

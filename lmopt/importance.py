@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .blocks import suffix_model
-from .loader import to_model
+from .graph import to_model
 from .verify import compare, run_each
 
 

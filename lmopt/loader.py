@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import onnxio
 from .errors import LmoptError, one_line
-from .inputs import random_feeds
-from .onnxio import graph_inputs, load_model, max_ir_version, runtime_compatible
+from .graph import copy_model, infer_shapes, to_graph
+from .onnxio import graph_inputs, load_model
 
 # Newest default-domain opset this onnx build knows; newer models cannot be checked or run here.
 MAX_KNOWN_OPSET = onnx.defs.onnx_opset_version()
@@ -118,76 +115,6 @@ def check_not_quantized(model: onnx.ModelProto) -> None:
                          "model and quantize afterwards")
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        if model.ByteSize() <= onnxio.EXTERNAL_DATA_BYTES:
-            return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-        with tempfile.TemporaryDirectory(prefix="lmopt-shapes-") as folder:  # past protobuf's 2 GiB: by file
-            source, target = os.path.join(folder, "in.onnx"), os.path.join(folder, "out.onnx")
-            onnxio.save_model(model, source)
-            onnx.shape_inference.infer_shapes_path(source, target, strict_mode=True, data_prop=True)
-            inferred = onnx.load(target, load_external_data=False)
-            onnx.external_data_helper.load_external_data_for_model(inferred, folder)
-            return inferred
-    except Exception as exc:
-        raise LmoptError(f"shape inference failed: {one_line(exc, type(exc).__name__)}") from None
-
-
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A deep copy (CopyFrom, which also works past protobuf's 2 GiB serialisation limit)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
-
-def _shape_known(value_info: onnx.ValueInfoProto) -> bool:
-    tensor = value_info.type.tensor_type
-    return (value_info.type.HasField("tensor_type") and tensor.HasField("shape")
-            and all(d.HasField("dim_value") for d in tensor.shape.dim))
-
-
-DATA_DEPENDENT_OPS = {"NonZero", "Unique", "NonMaxSuppression", "Compress", "TopK", "Range", "Loop", "If", "Scan"}
-
-
-def fill_missing_shapes(model: onnx.ModelProto) -> int:
-    """Shapes onnx inference leaves unknown (ops it has no inference for, Paddle's reshapes), taken
-    from one onnxruntime run of the model with those tensors as extra outputs; returns how many.
-    The model's inputs must be static. Shapes ORT cannot give either stay unknown."""
-    import onnxruntime as ort
-
-    known = {vi.name for vi in [*model.graph.value_info, *model.graph.input] if _shape_known(vi)}
-    known |= {t.name for t in model.graph.initializer}
-    varying: set[str] = set()  # shapes that depend on the data: one run cannot tell them
-    for node in model.graph.node:  # topological order
-        if node.op_type in DATA_DEPENDENT_OPS or any(t in varying for t in node.input):
-            varying.update(node.output)
-    missing = list(dict.fromkeys(t for n in model.graph.node for t in n.output
-                                 if t and t not in known and t not in varying))
-    if not missing:
-        return 0
-    probe = copy_model(model)
-    outputs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing if name not in outputs)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # a failure here is not the user's concern: the shapes stay unknown
-    try:
-        session = ort.InferenceSession(runtime_compatible(probe).SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        values = session.run(missing, random_feeds(model, 1)[0])
-    except Exception:  # noqa: BLE001 - without ORT's help the shapes stay unknown, as before
-        return 0
-    by_name = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
-    for name, value in zip(missing, values):
-        value = np.asarray(value)
-        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-        filled = onnx.helper.make_tensor_value_info(name, elem, list(value.shape))
-        if name in by_name:
-            by_name[name].type.CopyFrom(filled.type)
-        else:
-            model.graph.value_info.append(filled)
-    return len(missing)
-
-
 def check_conv_sizes(graph: gs.Graph) -> None:
     """A Conv whose output would be empty passes onnx shape inference, but onnxruntime refuses it."""
     for node in graph.nodes:
@@ -206,120 +133,12 @@ def check_conv_sizes(graph: gs.Graph) -> None:
                                  f"output on its {'x'.join(map(str, spatial))} input (onnxruntime cannot run it)")
 
 
-def remove_passthrough_nodes(graph: gs.Graph) -> int:
-    """Drop Identity and (inference-mode) Dropout nodes by rewiring their consumers."""
-    removed = 0
-    outputs = set(id(t) for t in graph.outputs)
-    for node in list(graph.nodes):
-        if node.op not in ("Identity", "Dropout"):
-            continue
-        if node.op == "Dropout" and len(node.inputs) >= 3 and not _is_false_constant(node.inputs[2]):
-            continue  # training_mode may be on: keep it, it is not a pass-through
-        src, dst = node.inputs[0], node.outputs[0]
-        if id(dst) in outputs:
-            continue  # the graph output keeps its name; an Identity there costs nothing
-        if len(node.outputs) > 1 and node.outputs[1].outputs:
-            continue  # someone reads the Dropout mask
-        replace_uses(dst, src)
-        node.outputs.clear()
-        removed += 1
-    return removed
-
-
-def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Every node that reads `old` reads `new` instead."""
-    for consumer in list(old.outputs):
-        for index, tensor in enumerate(consumer.inputs):
-            if tensor is old:
-                consumer.inputs[index] = new
-
-
-def _is_false_constant(tensor) -> bool:
-    return isinstance(tensor, gs.Constant) and not bool(np.asarray(tensor.values).any())
-
-
-def constant_values(tensor) -> np.ndarray | None:
-    """Values of a constant tensor (an initializer or a Constant node's output), else None."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-    return None
-
-
-def fold_batchnorms(graph: gs.Graph) -> int:
-    """Fold BatchNormalization(Conv(x)) into the Conv when the Conv output feeds only the BN."""
-    folded = 0
-    for bn in list(graph.nodes):
-        if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
-            continue
-        conv = bn.inputs[0].inputs[0]
-        if conv.op != "Conv" or len(bn.inputs[0].outputs) != 1 or bn.inputs[0] in graph.outputs:
-            continue
-        params = [constant_values(t) for t in bn.inputs[1:5]]
-        weight = constant_values(conv.inputs[1])
-        bias = constant_values(conv.inputs[2]) if len(conv.inputs) > 2 else None
-        if any(p is None for p in params) or weight is None or (len(conv.inputs) > 2 and bias is None):
-            continue
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        eps = float(bn.attrs.get("epsilon", 1e-5))
-        scale = gamma / np.sqrt(var + eps)
-        if bias is None:
-            bias = np.zeros(weight.shape[0])
-        new_weight = weight.astype(np.float64) * scale.reshape(-1, *[1] * (weight.ndim - 1))
-        new_bias = (bias.astype(np.float64) - mean) * scale + beta
-        dtype = weight.dtype
-        while len(conv.inputs) > 1:
-            conv.inputs.pop()
-        conv.inputs.append(gs.Constant(f"{conv.name}.weight_bnfold", new_weight.astype(dtype)))
-        conv.inputs.append(gs.Constant(f"{conv.name}.bias_bnfold", new_bias.astype(dtype)))
-        conv.outputs = [bn.outputs[0]]
-        bn.outputs.clear()
-        folded += 1
-    return folded
-
-
-def unique_node_names(graph: gs.Graph) -> None:
-    """Give every node a unique, non-empty name: the analysis refers to nodes by name."""
-    seen: set[str] = set()
-    for index, node in enumerate(graph.nodes):
-        if not node.name or node.name in seen:
-            name, suffix = f"{node.op}_{index}", 0
-            while name in seen:
-                suffix += 1
-                name = f"{node.op}_{index}_{suffix}"
-            node.name = name
-        seen.add(node.name)
-
-
-def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    graph = gs.import_onnx(model)
-    # Fix (tests/test_loader.py::test_constant_subgraph_folded_at_new_ir_version): gs exports the
-    # graph at this IR version and runs onnxruntime to fold constants; a model written by a newer
-    # onnx (IR 14 with onnx 1.23) made ORT refuse it, and folding then silently did nothing.
-    graph.ir_version = min(model.ir_version or onnx.IR_VERSION, max_ir_version())
-    return graph
-
-
-def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """Export a graph (after cleanup and toposort) at an IR version the installed onnxruntime accepts."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
-    if like is not None:
-        model.producer_name = like.producer_name or "lmopt"
-        model.ir_version = like.ir_version
-        del model.opset_import[:]
-        model.opset_import.extend(like.opset_import)
-    return runtime_compatible(model)
-
-
 def canonicalise(source: str | os.PathLike | onnx.ModelProto,
                  input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, dict]:
-    """Load and canonicalise; returns the model and a dict of what was done (for reports)."""
-    from .passes.canonical import (cancel_layout_round_trips, fold_channel_affine, fold_pads_into_convs,
-                                   normalise_gemms, resolve_auto_pad)
+    """Load, check and canonicalise (lmopt.passes.canonical.CANONICAL); returns the model and the
+    rewrites each pass made (for reports)."""
+    from .passes.base import run_passes
+    from .passes.canonical import CANONICAL
 
     model = source if isinstance(source, onnx.ModelProto) else load_model(source)
     model = copy_model(model)  # never touch the caller's object
@@ -327,29 +146,7 @@ def canonicalise(source: str | os.PathLike | onnx.ModelProto,
     check_not_quantized(model)
     fix_input_shapes(model, dict(input_shapes or {}))
     model = infer_shapes(model)
-    graph = to_graph(model)
-    check_conv_sizes(graph)
-    steps = {"nodes_in": len(graph.nodes)}
-    for _ in range(3):  # a fold can settle shapes (Range, Expand in mask arithmetic) that let the next one fold more
-        before = len(graph.nodes)
-        try:
-            graph.fold_constants(error_ok=True)
-        except Exception as exc:  # the folder runs onnxruntime; a failure there is not fatal for us
-            steps["fold_constants_error"] = one_line(exc, type(exc).__name__)
-        graph.cleanup()
-        if len(graph.nodes) == before or "fold_constants_error" in steps:
-            break
-        graph = to_graph(infer_shapes(to_model(graph, like=model)))
-    steps["passthrough_removed"] = remove_passthrough_nodes(graph)
-    unique_node_names(graph)  # the rewrites below name new weights after their node
-    steps["auto_pad_resolved"] = resolve_auto_pad(graph)
-    steps["pad_folded"] = fold_pads_into_convs(graph)
-    steps["batchnorm_folded"] = fold_batchnorms(graph)
-    steps["channel_affine_folded"] = fold_channel_affine(graph)
-    steps["gemm_normalised"] = normalise_gemms(graph)
-    steps["layout_round_trips_removed"] = cancel_layout_round_trips(graph)
-    unique_node_names(graph)
-    model = infer_shapes(to_model(graph, like=model))
-    steps["shapes_from_onnxruntime"] = fill_missing_shapes(model)
-    steps["nodes_out"] = len(model.graph.node)
-    return model, steps
+    check_conv_sizes(to_graph(model))
+    nodes_in = len(model.graph.node)
+    model, steps = run_passes(CANONICAL, model)
+    return model, {"nodes_in": nodes_in, **steps, "nodes_out": len(model.graph.node)}

@@ -24,10 +24,10 @@ from .latency_fit import two_point_fit
 from .loader import canonicalise
 from .outputs import compare_outputs, output_kind, primary_first, restore_order
 from .passes.apply import apply_candidates
-from .passes.linear import ConvSpec
-from .passes.lowrank import reduced_rank
+from .algebra.linear import ConvSpec
+from .algebra.lowrank import reduced_rank
 from .passes.merge import ZERO, BlockBuilder, rewrite_block, rewrite_prefix
-from .passes.refit import refit_conv, refit_dense
+from .algebra.refit import refit_conv, refit_dense
 from .progress import stage
 from .repair import repair as repair_model
 from .select import METHODS, fastest, fastest_plan, method_filter, select

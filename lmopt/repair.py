@@ -21,10 +21,10 @@ from onnx import numpy_helper
 
 from .analysis import Analysis
 from .candidates import Candidate
-from .loader import to_model
-from .passes.linear import ConvSpec, DenseSpec
+from .graph import to_model
+from .algebra.linear import ConvSpec, DenseSpec
 from .passes.merge import layer_spec, rewrite_prefix
-from .passes.refit import refit_conv, refit_dense
+from .algebra.refit import refit_conv, refit_dense
 from .verify import compare, damage, run_each
 
 log = logging.getLogger("lmopt.repair")

@@ -8,7 +8,6 @@ another shape. Otherwise the planned model, with fixed dims, is written and the 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -17,18 +16,13 @@ import onnx
 from .analysis import Analysis
 from .candidates import Candidate
 from .inputs import integer_input
-from .loader import (
-    check_opsets,
-    fold_batchnorms,
-    infer_shapes,
-    remove_passthrough_nodes,
-    to_graph,
-    to_model,
-    unique_node_names,
-)
+from .graph import infer_shapes
+from .loader import check_opsets
 from .onnxio import graph_inputs, input_dtype, load_model
 from .outputs import float_outputs, run_named
 from .passes.apply import apply_candidates
+from .passes.base import run_passes
+from .passes.canonical import CANONICAL_SYMBOLIC
 
 
 def source_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -61,14 +55,8 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 def canonical_symbolic(model: onnx.ModelProto) -> onnx.ModelProto:
     """loader.canonicalise without fixing the input shapes."""
     check_opsets(model)
-    graph = to_graph(infer_shapes(model))
-    with contextlib.suppress(Exception):  # the folder runs onnxruntime; unfolded constants are still correct
-        graph.fold_constants(error_ok=True)
-    graph.cleanup()
-    remove_passthrough_nodes(graph)
-    fold_batchnorms(graph)
-    unique_node_names(graph)
-    return infer_shapes(to_model(graph, like=model))
+    model = infer_shapes(model)
+    return run_passes(CANONICAL_SYMBOLIC, model)[0]
 
 
 def copy_weights(planned: onnx.ModelProto, target: onnx.ModelProto) -> None:

@@ -1,4 +1,4 @@
-"""Test helpers: small ONNX models built from lmopt.passes.linear specs, run in onnxruntime.
+"""Test helpers: small ONNX models built from lmopt.algebra.linear specs, run in onnxruntime.
 
 Import from tests as ``from chains import ...`` (pytest puts tests/ on sys.path).
 """
@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from lmopt.onnxio import DEFAULT_OPSET, runtime_compatible
-from lmopt.passes.linear import ConvSpec
+from lmopt.algebra.linear import ConvSpec
 
 __all__ = [
     "assert_close",

@@ -22,7 +22,7 @@ import pytest
 from fuzz_graphs import random_graph
 from lmopt.analysis import analyse
 from lmopt.candidates import enumerate_candidates
-from lmopt.cli.merge import merge_model
+from lmopt.passes.merge_runs import merge_linear_runs
 from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise
 from lmopt.optimizer import candidate_graph
@@ -65,7 +65,7 @@ def merge_failure(seed: int) -> str | None:
     refs = session(model).run(None, {"x": x})
     try:
         canon, _ = canonicalise(model)
-        merged, chosen, _ = merge_model(canon, allow_inexact=True)
+        merged, chosen, _ = merge_linear_runs(canon, allow_inexact=True)
         gots = session(merged).run(None, {"x": x})
     except LmoptError as exc:  # every fuzz graph is valid and runs in onnxruntime: nothing to refuse
         return f"refused: {exc}"
@@ -163,7 +163,7 @@ def test_issue_case_dense_then_grouped_convs(strides, dilations):
              random_conv(rng, 8, 8, (3, 3), group=2, strides=(strides[2],) * 2, dilations=(dilations[1],) * 2)]
     model = conv_chain_model(specs, (1, 3, 12, 12))
     x = np.random.default_rng(9).standard_normal((1, 3, 12, 12)).astype(np.float32)
-    merged, chosen, skipped = merge_model(canonicalise(model)[0], allow_inexact=False)
+    merged, chosen, skipped = merge_linear_runs(canonicalise(model)[0], allow_inexact=False)
     assert [run["exact"] for run in chosen] == [True] and not skipped
     assert [n.op_type for n in merged.graph.node].count("Conv") == 1
     assert relative_error(session(merged).run(None, {"x": x})[0], session(model).run(None, {"x": x})[0]) <= TOL

@@ -1,4 +1,4 @@
-"""Exactness of the linear-layer merge algebra (lmopt.passes.linear), checked in onnxruntime.
+"""Exactness of the linear-layer merge algebra (lmopt.algebra.linear), checked in onnxruntime.
 
 Every merged conv is compared with the ONNX chain it replaces, run by onnxruntime in float32:
 exact chains must match everywhere, padded chains must match the chain with its padding moved
@@ -34,7 +34,7 @@ from chains import (  # noqa: E402
     run,
     single_conv_model,
 )
-from lmopt.passes.linear import (  # noqa: E402
+from lmopt.algebra.linear import (  # noqa: E402
     ConvSpec,
     DenseSpec,
     add_convs,

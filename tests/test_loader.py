@@ -323,7 +323,8 @@ def test_large_models_are_written_with_external_data(tmp_path, monkeypatch, capf
 
 
 def test_missing_shapes_come_from_one_run_except_data_dependent_ones():
-    from lmopt.loader import fill_missing_shapes, infer_shapes
+    from lmopt.graph import infer_shapes
+    from lmopt.passes.canonical import fill_missing_shapes
 
     nodes = [helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),  # no onnx shape inference
              helper.make_node("NonZero", ["x"], ["nz"]),                      # (2, number of non-zeros)

@@ -18,18 +18,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from chains import assert_close, conv_chain_model, dense_matmul_model, gemm_chain_model, random_conv, rel_err
-from lmopt.analysis import analyse
+from lmopt.analysis import Chain, analyse
 from lmopt.candidates import (Candidate, branch_start, enumerate_candidates, removed_activations,
                               removed_branches)
-from lmopt.cli.merge import merge_model
-from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise
 from lmopt.onnxio import max_ir_version
-from lmopt.passes.activations import remove_activation
+from lmopt.passes.activations import without_activations
 from lmopt.passes.cleanup import finish
-from lmopt.passes.linear import border_band
+from lmopt.algebra.linear import border_band
 from lmopt.passes.merge import rewrite_block
-from lmopt.passes.prune import prune_branch, prune_layer
+from lmopt.passes.merge_runs import merge_linear_runs
 from models import zoo
 
 TOL = 1e-4
@@ -76,14 +74,23 @@ def original_output(name: str) -> np.ndarray:
     return run(canonical(name), feed_of(name))
 
 
-def without_activations(model, analysis, units=None):
-    """lmopt's own activation removal on every chain unit (or on the (chain, k) in `units`)."""
-    graph = gs.import_onnx(model)
-    for chain in analysis.chains:
-        for k, unit in enumerate(chain.units, 1):
-            if unit.act and (units is None or (chain.index, k) in units):
-                remove_activation(graph, unit.act)
-    return finish(graph, like=model)
+
+
+# -- pruning by lmopt's own rewrite, for comparison with surgery by hand
+
+def prune_layer(graph: gs.Graph, chain: Chain, k: int) -> None:
+    """Replace the layer of unit k by an identity (needs the same shape in and out)."""
+    if not chain.units[k - 1].prunable:
+        raise ValueError(f"layer {chain.units[k - 1].layer} changes the tensor shape: it cannot become an identity")
+    rewrite_block(graph, chain, Candidate(chain.index, k - 1, k, (k,)))
+
+
+def prune_branch(graph: gs.Graph, chain: Chain, k: int) -> None:
+    """Remove the residual branch that ends at unit k: the unit's output becomes its shortcut."""
+    start = branch_start(chain, k)
+    if start is None:
+        raise ValueError(f"unit {k} of chain {chain.index} ends no removable residual branch")
+    rewrite_block(graph, chain, Candidate(chain.index, start, k, tuple(range(start + 1, k + 1))))
 
 
 # -- independent references: protobuf surgery
@@ -250,11 +257,11 @@ MERGE_EXPECT = {  # model -> (runs merged exactly, runs left alone) once every c
 def test_merge_exact_on_activation_free_zoo_models(name):
     model = canonical(name)
     noact = without_activations(model, analyse(model))
-    merged, chosen, skipped = merge_model(noact, allow_inexact=False)
+    merged, chosen, skipped = merge_linear_runs(noact, allow_inexact=False)
     assert (len(chosen), len(skipped)) == MERGE_EXPECT[name]
     assert all(r["exact"] for r in chosen) and not any(r["exact"] for r in skipped)
     if not skipped:  # every run exact: --allow-inexact changes nothing
-        merged_too, chosen_too, _ = merge_model(noact, allow_inexact=True)
+        merged_too, chosen_too, _ = merge_linear_runs(noact, allow_inexact=True)
         assert chosen_too == chosen
         assert merged_too.SerializeToString() == merged.SerializeToString()
     onnx.checker.check_model(merged)
@@ -289,7 +296,7 @@ def test_merge_exact_conv_runs_equal_the_unmerged_model(name, predicate, runs):
     model = canonical(name)
     a = analyse(model)
     partial = without_activations(model, a, _acts_after(model, a, predicate))
-    merged, chosen, skipped = merge_model(partial, allow_inexact=False)
+    merged, chosen, skipped = merge_linear_runs(partial, allow_inexact=False)
     assert len(chosen) == runs and all(r["exact"] for r in chosen)
     onnx.checker.check_model(merged)
     x = feed_of(name)
@@ -301,11 +308,11 @@ def test_merge_exact_conv_runs_equal_the_unmerged_model(name, predicate, runs):
 def test_merge_on_the_exported_models():
     """The zoo models as exported: MobileNetV2 has exact runs (project 1x1 -> next expand 1x1)."""
     model = canonical("mobilenetv2_1.0")
-    merged, chosen, skipped = merge_model(model, allow_inexact=False)
+    merged, chosen, skipped = merge_linear_runs(model, allow_inexact=False)
     assert chosen and all(len(r["layers"]) == 2 for r in chosen)
     x = feed_of("mobilenetv2_1.0")
     assert_close(run(merged, x), original_output("mobilenetv2_1.0"), TOL)
-    merged18, chosen18, skipped18 = merge_model(canonical("resnet18"), allow_inexact=True)
+    merged18, chosen18, skipped18 = merge_linear_runs(canonical("resnet18"), allow_inexact=True)
     assert chosen18 == skipped18 == []  # a ReLU after every conv: no run at all
     assert merged18.SerializeToString() == canonical("resnet18").SerializeToString()
 
@@ -332,7 +339,7 @@ def test_exact_merge_of_small_conv_chains(label, make, shape, skip):
     rng = np.random.default_rng(7)
     specs = make(rng)
     model = canonicalise(conv_chain_model(specs, shape, skip=skip(rng) if skip else None))[0]
-    merged, chosen, skipped = merge_model(model, allow_inexact=False)
+    merged, chosen, skipped = merge_linear_runs(model, allow_inexact=False)
     assert len(chosen) == 1 and chosen[0]["exact"] and skipped == []
     ops = [n.op_type for n in merged.graph.node if n.op_type != "Identity"]  # (the output's Identity stays)
     assert ops == ["Conv"], ops  # the shortcut (identity or projection) is folded into the kernel
@@ -356,7 +363,7 @@ def test_exact_merge_of_gemm_chains(trans_b, alpha, beta, bias_shape):
     rng = np.random.default_rng(trans_b + 3)
     model = canonicalise(gemm_chain_model(_gemm_layers(rng, [16, 24, 20, 8], trans_b, alpha, beta, bias_shape),
                                           2, 16))[0]
-    merged, chosen, _ = merge_model(model, allow_inexact=False)
+    merged, chosen, _ = merge_linear_runs(model, allow_inexact=False)
     assert len(chosen) == 1 and len(chosen[0]["layers"]) == 3
     assert [n.op_type for n in merged.graph.node if n.op_type != "Identity"] == ["Gemm"]
     x = rng.standard_normal((2, 16)).astype(np.float32)
@@ -369,7 +376,7 @@ def test_exact_merge_of_matmul_chain_with_residual():
     layers = [(rng.standard_normal((12, 20)) / 4, rng.standard_normal(20)),
               (rng.standard_normal((20, 12)) / 4, rng.standard_normal(12))]
     model = canonicalise(dense_matmul_model(layers, (1, 5, 12), residual=True))[0]
-    merged, chosen, _ = merge_model(model, allow_inexact=False)
+    merged, chosen, _ = merge_linear_runs(model, allow_inexact=False)
     assert len(chosen) == 1
     assert sorted(n.op_type for n in merged.graph.node if n.op_type != "Identity") == ["Add", "MatMul"]  # x @ (W1 W2 + I) + b
     x = rng.standard_normal((1, 5, 12)).astype(np.float32)
@@ -398,11 +405,11 @@ def test_inexact_merge_matches_in_the_interior(label, make, shape, skip):
     model = canonicalise(conv_chain_model(specs, shape, skip=skip))[0]
     x = rng.standard_normal(shape).astype(np.float32)
     ref = run(model, x)
-    same, chosen, skipped = merge_model(model, allow_inexact=False)
+    same, chosen, skipped = merge_linear_runs(model, allow_inexact=False)
     # by default the run is left alone, but its exact parts (cut before each padded conv) merge
     assert len(skipped) == 1 and all(r["exact"] for r in chosen)
     assert_close(run(same, x), ref, TOL, f"{label} exact parts")
-    merged, chosen, _ = merge_model(model, allow_inexact=True)
+    merged, chosen, _ = merge_linear_runs(model, allow_inexact=True)
     assert len(chosen) == 1 and not chosen[0]["exact"]
     assert sum(1 for n in merged.graph.node if n.op_type == "Conv") == 1
     assert "Add" not in {n.op_type for n in merged.graph.node}  # the identity shortcut is folded in
@@ -426,9 +433,8 @@ def test_prune_layer_equals_identity_surgery(name, chain, k):
     unit = a.chains[chain].units[k - 1]
     if name == "vit_tiny_mlp":  # fc2 changes 768 -> 192: not prunable
         assert not unit.prunable
-        graph = gs.import_onnx(model)
-        with pytest.raises(LmoptError, match="shape"):
-            prune_layer(graph, a.chains[chain], k)
+        alone = Candidate(chain, k - 1, k, (k,)).key  # pruned by itself (a whole branch may still go)
+        assert alone not in {c.key for c in enumerate_candidates(a, gs.import_onnx(model))}
         return
     assert unit.prunable
     graph = gs.import_onnx(model)
@@ -470,11 +476,10 @@ def test_prune_branch_equals_shortcut_surgery(name, chain, k, projection):
     assert not branch_layers & {n.name for n in pruned.graph.node}
 
 
-def test_prune_branch_without_a_branch_is_an_error():
-    model = canonical("resnet18")
-    a = analyse(model)
-    with pytest.raises(LmoptError, match="no removable residual branch"):
-        prune_branch(gs.import_onnx(model), a.chains[1], 3)
+def test_a_unit_inside_a_branch_ends_no_removable_branch():
+    a = analyse(canonical("resnet18"))
+    assert branch_start(a.chains[1], 3) is None
+    assert branch_start(a.chains[1], 4) == 2  # the second basic block: units 3 and 4
 
 
 # --------------------------------------------------------------------------- every candidate
@@ -542,7 +547,7 @@ def test_merge_keeps_the_models_float_type():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     canon = canonicalise(model)[0]
-    merged, chosen, _ = merge_model(canon, allow_inexact=False)
+    merged, chosen, _ = merge_linear_runs(canon, allow_inexact=False)
     assert len(chosen) == 1
     onnx.checker.check_model(merged, full_check=True)
     assert {i.data_type for i in merged.graph.initializer} == {TensorProto.FLOAT16}

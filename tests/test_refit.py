@@ -4,8 +4,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from chains import run, single_conv_model
-from lmopt.passes.linear import ConvSpec, DenseSpec, compose_convs
-from lmopt.passes.refit import refit_conv, refit_dense
+from lmopt.algebra.linear import ConvSpec, DenseSpec, compose_convs
+from lmopt.algebra.refit import refit_conv, refit_dense
 
 
 def conv_outputs(spec, x):

@@ -238,8 +238,8 @@ def test_refit_rows_are_the_real_tokens():
 
 
 def test_reduced_rank_keeps_more_of_the_fit_than_truncation():
-    from lmopt.passes.linear import DenseSpec
-    from lmopt.passes.lowrank import ranks_for, reduced_rank, truncated
+    from lmopt.algebra.linear import DenseSpec
+    from lmopt.algebra.lowrank import ranks_for, reduced_rank, truncated
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 32)) * np.linspace(3.0, 0.05, 32) + 0.5    # few strong directions
     spec = DenseSpec(rng.standard_normal((32, 24)), rng.standard_normal(24))
@@ -257,7 +257,7 @@ def test_reduced_rank_keeps_more_of_the_fit_than_truncation():
 def test_low_rank_collapse_is_a_candidate_and_its_graph_is_the_factored_map(tmp_path):
     import onnx_graphsurgeon as gs
 
-    from lmopt.passes.lowrank import truncated
+    from lmopt.algebra.lowrank import truncated
     from lmopt.passes.merge import BlockBuilder
     path = tmp_path / "linear_mlp.onnx"
     save_model(tiny_bert(activation=False), path)

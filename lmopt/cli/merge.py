@@ -4,16 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from ..analysis import analyse
-from ..candidates import merge_runs
 from ..dynamic import keep_dynamic_batch
 from ..errors import LmoptError
 from ..inputs import random_feeds
 from ..onnxio import check_writable, load_model, save_model
-from ..passes.apply import apply_candidates
-from ..passes.merge import BlockBuilder
+from ..passes.merge_runs import merge_linear_runs
 from ..verify import compare_outputs, format_op_table, op_table, run_all_outputs
 from .common import add_model_arguments, load_canonical, print_json
 
@@ -34,25 +30,6 @@ def add_parser(subparsers):
     return parser
 
 
-def merge_model(model, allow_inexact: bool):
-    """(merged model, merged runs, runs left alone) for a canonical model."""
-    analysis = analyse(model)
-    graph = gs.import_onnx(model)
-    runs = merge_runs(analysis, graph)
-    exact = {run.key: BlockBuilder(graph, analysis.chains[run.chain], run).is_exact() for run in runs}
-    skipped = [run for run in runs if not exact[run.key] and not allow_inexact]
-    chosen = [run for run in runs if run not in skipped]
-    if skipped:  # what can still merge exactly inside the runs left alone
-        inside = [r for r in merge_runs(analysis, graph, exact_only=True)
-                  if any(s.chain == r.chain and s.start <= r.start and r.end <= s.end for s in skipped)]
-        exact.update({r.key: BlockBuilder(graph, analysis.chains[r.chain], r).is_exact() for r in inside})
-        chosen += [r for r in inside if exact[r.key]]
-    merged = apply_candidates(model, analysis, chosen) if chosen else model
-    describe = lambda run: {"block": run.key, "layers": [u.layer for u in analysis.chains[run.chain].units[run.start:run.end]],
-                            "exact": exact[run.key]}
-    return merged, [describe(r) for r in chosen], [describe(r) for r in skipped]
-
-
 def run(args) -> int:
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise LmoptError("-o would overwrite the input model: choose another path")
@@ -60,7 +37,7 @@ def run(args) -> int:
         raise LmoptError("--samples must be at least 1")
     check_writable(args.output, "-o")
     model, _ = load_canonical(args)
-    merged, chosen, skipped = merge_model(model, args.allow_inexact)
+    merged, chosen, skipped = merge_linear_runs(model, args.allow_inexact)
     report = {"merged": chosen, "left_alone": skipped}
     if not chosen:  # still write -o, so that `lmopt merge in.onnx -o out.onnx && deploy out.onnx` works
         save_model(load_model(args.model), args.output)

@@ -8,14 +8,25 @@
 - Reshape/Flatten round trips and inverse Transpose pairs between layers bypassed.
 
 Each function takes an onnx-graphsurgeon graph with shapes, changes it in place and returns how
-many rewrites it made.
+many rewrites it made; `CANONICAL` runs them as passes (see lmopt.passes.base), with constant
+folding, BatchNormalization folding and shape filling around them.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from ..loader import constant_values, replace_uses
+from ..errors import one_line
+from ..graph import (constant_values, copy_model, infer_shapes, remove_passthrough_nodes, replace_uses,
+                     shape_known, to_graph, to_model, unique_node_names)
+from ..inputs import random_feeds
+from ..onnxio import runtime_compatible
+from .base import GraphPass, ModelPass
+
+logger = logging.getLogger(__name__)
 
 
 def _static(values) -> bool:
@@ -226,3 +237,132 @@ def cancel_layout_round_trips(graph: gs.Graph) -> int:
             replace_uses(end, start)
             bypassed += 1
     return bypassed
+
+
+def fold_batchnorms(graph: gs.Graph) -> int:
+    """Fold BatchNormalization(Conv(x)) into the Conv when the Conv output feeds only the BN."""
+    folded = 0
+    for bn in list(graph.nodes):
+        if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
+            continue
+        conv = bn.inputs[0].inputs[0]
+        if conv.op != "Conv" or len(bn.inputs[0].outputs) != 1 or bn.inputs[0] in graph.outputs:
+            continue
+        params = [constant_values(t) for t in bn.inputs[1:5]]
+        weight = constant_values(conv.inputs[1])
+        bias = constant_values(conv.inputs[2]) if len(conv.inputs) > 2 else None
+        if any(p is None for p in params) or weight is None or (len(conv.inputs) > 2 and bias is None):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        scale = gamma / np.sqrt(var + eps)
+        if bias is None:
+            bias = np.zeros(weight.shape[0])
+        new_weight = weight.astype(np.float64) * scale.reshape(-1, *[1] * (weight.ndim - 1))
+        new_bias = (bias.astype(np.float64) - mean) * scale + beta
+        dtype = weight.dtype
+        while len(conv.inputs) > 1:
+            conv.inputs.pop()
+        conv.inputs.append(gs.Constant(f"{conv.name}.weight_bnfold", new_weight.astype(dtype)))
+        conv.inputs.append(gs.Constant(f"{conv.name}.bias_bnfold", new_bias.astype(dtype)))
+        conv.outputs = [bn.outputs[0]]
+        bn.outputs.clear()
+        folded += 1
+    return folded
+
+
+DATA_DEPENDENT_OPS = {"NonZero", "Unique", "NonMaxSuppression", "Compress", "TopK", "Range", "Loop", "If", "Scan"}
+
+
+def fill_missing_shapes(model: onnx.ModelProto) -> int:
+    """Shapes onnx inference leaves unknown (ops it has no inference for, Paddle's reshapes), taken
+    from one onnxruntime run of the model with those tensors as extra outputs; returns how many.
+    The model's inputs must be static. Shapes ORT cannot give either stay unknown."""
+    import onnxruntime as ort
+
+    known = {vi.name for vi in [*model.graph.value_info, *model.graph.input] if shape_known(vi)}
+    known |= {t.name for t in model.graph.initializer}
+    varying: set[str] = set()  # shapes that depend on the data: one run cannot tell them
+    for node in model.graph.node:  # topological order
+        if node.op_type in DATA_DEPENDENT_OPS or any(t in varying for t in node.input):
+            varying.update(node.output)
+    missing = list(dict.fromkeys(t for n in model.graph.node for t in n.output
+                                 if t and t not in known and t not in varying))
+    if not missing:
+        return 0
+    probe = copy_model(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing if name not in outputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure here is not the user's concern: the shapes stay unknown
+    try:
+        session = ort.InferenceSession(runtime_compatible(probe).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        values = session.run(missing, random_feeds(model, 1)[0])
+    except Exception:  # noqa: BLE001 - without ORT's help the shapes stay unknown, as before
+        return 0
+    by_name = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
+    for name, value in zip(missing, values):
+        value = np.asarray(value)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        filled = onnx.helper.make_tensor_value_info(name, elem, list(value.shape))
+        if name in by_name:
+            by_name[name].type.CopyFrom(filled.type)
+        else:
+            model.graph.value_info.append(filled)
+    return len(missing)
+
+
+def fold_constants(graph: gs.Graph) -> tuple[gs.Graph, int]:
+    """onnx-graphsurgeon's constant folder (which runs onnxruntime), repeated while it removes nodes:
+    a fold can settle shapes (Range, Expand in mask arithmetic) that let the next one fold more."""
+    removed = 0
+    for _ in range(3):
+        before = len(graph.nodes)
+        try:
+            graph.fold_constants(error_ok=True)
+        except Exception as exc:  # noqa: BLE001 - unfolded constants are still correct, only slower to analyse
+            logger.info("constant folding stopped early: %s", one_line(exc, type(exc).__name__))
+            graph.cleanup()
+            return graph, removed + before - len(graph.nodes)
+        graph.cleanup()
+        removed += before - len(graph.nodes)
+        if len(graph.nodes) == before:
+            break
+        graph = to_graph(infer_shapes(to_model(graph)))
+    return graph, removed
+
+
+def name_nodes(graph: gs.Graph) -> int:
+    unique_node_names(graph)
+    return 0  # names are bookkeeping: not a rewrite the report counts
+
+
+def _infer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    return infer_shapes(model), 0
+
+
+CANONICAL = [
+    GraphPass("constants_folded", fold_constants),
+    GraphPass("passthrough_removed", remove_passthrough_nodes),
+    GraphPass("names", name_nodes),  # the rewrites below name new weights after their node
+    GraphPass("auto_pad_resolved", resolve_auto_pad),
+    GraphPass("pad_folded", fold_pads_into_convs),
+    GraphPass("batchnorm_folded", fold_batchnorms),
+    GraphPass("channel_affine_folded", fold_channel_affine),
+    GraphPass("gemm_normalised", normalise_gemms),
+    GraphPass("layout_round_trips_removed", cancel_layout_round_trips),
+    GraphPass("names", name_nodes),
+    ModelPass("shapes_inferred", _infer),
+    ModelPass("shapes_from_onnxruntime", lambda model: (model, fill_missing_shapes(model))),
+]
+
+# For a model whose inputs keep their symbolic dims (lmopt.symbolic): the passes that need no
+# static shape, so that the plan made at fixed shapes applies to it node by node.
+CANONICAL_SYMBOLIC = [
+    GraphPass("constants_folded", fold_constants),
+    GraphPass("passthrough_removed", remove_passthrough_nodes),
+    GraphPass("batchnorm_folded", fold_batchnorms),
+    GraphPass("names", name_nodes),
+    ModelPass("shapes_inferred", _infer),
+]

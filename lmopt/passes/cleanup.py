@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..loader import remove_passthrough_nodes, to_model, unique_node_names
+from ..graph import remove_passthrough_nodes, to_model, unique_node_names
 
 
 def finish(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -11,10 +11,10 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import Chain, Skip
 from ..candidates import Candidate, branch_start, removed_branches
-from ..loader import constant_values
-from .linear import (ConvSpec, DenseSpec, add_convs, add_dense, chain_is_exact, compose_convs,
+from ..graph import constant_values
+from ..algebra.linear import (ConvSpec, DenseSpec, add_convs, add_dense, chain_is_exact, compose_convs,
                      compose_dense, dense_from_gemm, identity_conv, identity_dense)
-from .lowrank import LowRankSpec, truncated
+from ..algebra.lowrank import LowRankSpec, truncated
 
 ZERO = "zero"  # the block contributes nothing from its input (a removed residual branch)
 
