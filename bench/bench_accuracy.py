@@ -64,12 +64,12 @@ def int8_model(model_path: pathlib.Path, calib: np.ndarray, out: pathlib.Path) -
     return out
 
 
-def row(name: str, config: str, target, report: dict | None, fidelity: dict, speedup, minutes=None) -> dict:
+def row(name: str, config: str, target, report, fidelity: dict, speedup, minutes=None) -> dict:
     return {"model": name, "config": config, "target": target, "speedup": speedup,
-            "predicted": None if report is None else report["predicted_speedup"],
+            "predicted": None if report is None else report.predicted_speedup,
             "top1": fidelity["top1_agreement"], "confident": fidelity["confident_agreement"],
             "confident_n": fidelity["confident_count"], "top5": fidelity["top5_contains"], "kl": fidelity["kl"],
-            "changes": None if report is None else len(report["changes"]), "minutes": minutes}
+            "changes": None if report is None else len(report.changes), "minutes": minutes}
 
 
 def _fmt(value, pattern: str) -> str:
@@ -90,7 +90,8 @@ def markdown(rows: list[dict]) -> str:
 
 def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
     from lmopt.optimizer import Study
-    from lmopt.verify import compare, run_outputs
+    from lmopt.metrics import compare
+    from lmopt.runtime import run_outputs
 
     model_path = out / f"{name}.onnx"
     if not model_path.exists():
@@ -99,14 +100,14 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
     started = time.perf_counter()
     study = Study(str(model_path), calib=str(calib_path), eval_data=str(eval_path), calib_count=args.calib_count,
                   eval_count=args.eval_count, progress=False, backend_options={"threads": args.threads})
-    print(f"{name}: study {time.perf_counter() - started:.0f} s, {len(study.candidates)} candidates", flush=True)
+    print(f"{name}: study {time.perf_counter() - started:.0f} s, {len(study.prepared.candidates)} candidates", flush=True)
     rows = []
-    reference = run_outputs(study.model, study.eval_feeds)
+    reference = run_outputs(study.prepared.model, study.data.eval)
     if "int8" in args.configs:
         with tempfile.TemporaryDirectory() as tmp:
             quantized = onnx.load(int8_model(model_path, np.load(calib_path), pathlib.Path(tmp) / "int8.onnx"))
-        fidelity = compare(reference, run_outputs(quantized, study.eval_feeds))
-        before, after = study.runner.measure_interleaved([study.model, quantized])
+        fidelity = compare(reference, run_outputs(quantized, study.data.eval))
+        before, after = study.runner.measure_interleaved([study.prepared.model, quantized])
         rows.append(row(name, "int8 PTQ", None, None, fidelity, before / after))
         print(markdown(rows[-1:]), flush=True)
     for target in args.targets:
@@ -117,9 +118,9 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
             started = time.perf_counter()
             _, report = study.plan(target, method, rounds=0 if config == "plain" else args.rounds)
             minutes = (time.perf_counter() - started) / 60
-            rows.append(row(name, config, target, report, report["fidelity"], report["measured_speedup"],
+            rows.append(row(name, config, target, report, report.fidelity, report.measured_speedup,
                             minutes))
-            (out / f"{name}_{config}_{target:g}.json").write_text(json.dumps(report, indent=1, default=str))
+            (out / f"{name}_{config}_{target:g}.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
             print(markdown(rows[-1:]), flush=True)
     return rows
 

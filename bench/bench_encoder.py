@@ -211,10 +211,10 @@ def main() -> None:
                                      str(args.seq)], capture_output=True, text=True, check=False).stdout.strip()
         written = time_pair(onnx_path, path, eval_feeds[0])
         kinds = {}
-        for change in report["changes"]:
+        for change in report.changes:
             kinds[change["action"]] = kinds.get(change["action"], 0) + 1
         rows.append((target, report, cos, retrieval_agreement(reference, new), shared, kinds, written))
-        print(f"{target:g}x: measured {report['measured_speedup']:.2f}x, cosine mean {cos.mean():.4f} "
+        print(f"{target:g}x: measured {report.measured_speedup:.2f}x, cosine mean {cos.mean():.4f} "
               f"min {cos.min():.4f}, retrieval top-1 agreement {rows[-1][3]:.3f}; {shared}", flush=True)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     lines = [
@@ -225,15 +225,15 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for target, report, cos, agree, shared, kinds, written in rows:
-        reach = "" if report["target_met"] else " (max)"
+        reach = "" if report.target_met else " (max)"
         changes = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-        lines.append(f"| {target:g}x | {report['predicted_speedup']:.2f}x{reach} | {report['measured_speedup']:.2f}x "
-                     f"({report['measured_ms'][0]:.2f} -> {report['measured_ms'][1]:.2f} ms) "
+        lines.append(f"| {target:g}x | {report.predicted_speedup:.2f}x{reach} | {report.measured_speedup:.2f}x "
+                     f"({report.measured_ms[0]:.2f} -> {report.measured_ms[1]:.2f} ms) "
                      f"| {written[0] / written[1]:.2f}x ({written[0]:.2f} -> {written[1]:.2f} ms) | {cos.mean():.4f} "
                      f"| {cos.min():.4f} | {agree:.3f} | {shared.replace('cosine: ', '') or 'n/a'} | {changes} |")
     lines += ["", (f"{len(calib_text)} calibration and {len(eval_text)} evaluation sentences (stdlib docstrings, "
                    f"different modules), sequence length {args.seq}, batch 1; backend "
-                   f"{study.backend_key.get('backend')} ({study.backend_key.get('device')}); load average at the "
+                   f"{study.latency.backend.get('backend')} ({study.latency.backend.get('device')}); load average at the "
                    f"end {load}; {time.time() - started:.0f} s.")]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from lmopt.calib import load_calibration
 from lmopt.inputs import real_tokens
 from lmopt.graph import replace_uses, to_model
-from lmopt.optimizer import prepare
+from lmopt.prepare import prepare
 from lmopt.repair import run_with_outputs
 
 sys.path.insert(0, str(ROOT / "bench"))

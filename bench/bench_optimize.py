@@ -45,26 +45,26 @@ def main() -> int:
             cache = os.path.join(cache_dir, "latency.sqlite")
             started = time.perf_counter()
             study = Study(path, backend=args.backend, calib_count=args.calib_count, cache_path=cache,
-                          progress=False, log=lambda *a: None)
+                          progress=False)
             cold = time.perf_counter() - started
             warm = None
             if args.warm:
                 started = time.perf_counter()
                 Study(path, backend=args.backend, calib_count=args.calib_count, cache_path=cache,
-                      progress=False, log=lambda *a: None)
+                      progress=False)
                 warm = time.perf_counter() - started
-        timings.append((name, len(study.candidates), cold, warm))
+        timings.append((name, len(study.prepared.candidates), cold, warm))
         for target in args.targets:
             for method in args.methods:
                 started = time.perf_counter()
-                _, report = study.plan(target, method, log=lambda *a: None)
-                fid = report["fidelity"]
-                met = "" if report["target_met"] else " (best reachable)"
+                _, report = study.plan(target, method)
+                fid = report.fidelity
+                met = "" if report.target_met else " (best reachable)"
                 lines.append(
-                    f"| {name} | {target:g}x | {method} | {report['predicted_speedup']:.2f}x{met} | "
-                    f"{report['measured_speedup']:.2f}x | {100 * report['prediction_error']:+.1f}% | "
+                    f"| {name} | {target:g}x | {method} | {report.predicted_speedup:.2f}x{met} | "
+                    f"{report.measured_speedup:.2f}x | {100 * report.prediction_error:+.1f}% | "
                     f"{100 * fid.get('top1_agreement', float('nan')):.1f}% | {fid.get('kl', float('nan')):.3f} | "
-                    f"{fid['nrmse']:.3f} | {len(report['changes'])} |")
+                    f"{fid['nrmse']:.3f} | {len(report.changes)} |")
                 print(lines[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
     lines += ["", "| model | candidates | study, cold cache (s) | study, warm cache (s) |", "|---|---|---|---|"]
     lines += [f"| {n} | {c} | {cold:.0f} | {'' if warm is None else f'{warm:.0f}'} |" for n, c, cold, warm in timings]

@@ -141,7 +141,7 @@ def bench_model(name: str, args, data_dir: pathlib.Path, log) -> tuple[list[str]
     try:
         study = Study(str(path), calib=str(calib_path), preprocess=prep, calib_count=args.calib_count,
                       eval_count=LMOPT_HELD_OUT, input_shapes={"x": [1, *shape]}, progress=False,
-                      cache_path=False if args.no_cache else None, log=lambda m: log(f"[{name}] {m}"))
+                      cache_path=False if args.no_cache else None)
     except Exception as exc:  # report it in the table and go on with the next model
         tb = traceback.format_exc()
         log(f"[{name}] Study failed:\n{tb}")
@@ -149,18 +149,18 @@ def bench_model(name: str, args, data_dir: pathlib.Path, log) -> tuple[list[str]
                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} |")
         details.append(f"  - Study failed:\n\n```\n{tb}```")
         return rows, details
-    log(f"[{name}] study in {time.perf_counter() - started:.1f}s: model {study.whole_ms:.3f} ms, "
-        f"{len(study.candidates)} candidates")
-    canon_pred = predict(study.model, eval_x)
+    log(f"[{name}] study in {time.perf_counter() - started:.1f}s: model {study.latency.whole_ms:.3f} ms, "
+        f"{len(study.prepared.candidates)} candidates")
+    canon_pred = predict(study.prepared.model, eval_x)
     details.append(f"  - lmopt's canonicalised model (batch fixed to 1, BN folded): accuracy "
                    f"{float((canon_pred == eval_y).mean()):.3f}, top-1 agreement with the original "
                    f"{float((canon_pred == orig_pred).mean()):.3f}; study (importance + block latencies) "
-                   f"{study.seconds:.0f}s, model {study.whole_ms:.3f} ms, {len(study.candidates)} candidates.")
+                   f"{study.seconds:.0f}s, model {study.latency.whole_ms:.3f} ms, {len(study.prepared.candidates)} candidates.")
 
     for target in args.targets:
         for method in args.methods:
             try:
-                model, report = study.plan(target, method, log=lambda m: log(f"[{name}] {m}"))
+                model, report = study.plan(target, method)
                 pred = predict(model, eval_x)
             except Exception as exc:
                 tb = traceback.format_exc()
@@ -171,16 +171,16 @@ def bench_model(name: str, args, data_dir: pathlib.Path, log) -> tuple[list[str]
                 continue
             acc = float((pred == eval_y).mean())
             agree = float((pred == orig_pred).mean())
-            predicted = f"{report['predicted_speedup']:.2f}x" + ("" if report["target_met"] else " (max)")
-            measured = "-" if report["measured_speedup"] is None else f"{report['measured_speedup']:.2f}x"
+            predicted = f"{report.predicted_speedup:.2f}x" + ("" if report.target_met else " (max)")
+            measured = "-" if report.measured_speedup is None else f"{report.measured_speedup:.2f}x"
             rows.append(f"| {name} | {target:g}x | {method} | {predicted} | {measured} | "
-                        f"{orig_acc:.3f} -> {acc:.3f} | {agree:.3f} | {summarize_changes(report['changes'])} |")
-            blocks = ", ".join(f"{c['block']} ({c['action']})" for c in report["changes"]) or "none"
-            fid = report["fidelity"]
+                        f"{orig_acc:.3f} -> {acc:.3f} | {agree:.3f} | {summarize_changes(report.changes)} |")
+            blocks = ", ".join(f"{c['block']} ({c['action']})" for c in report.changes) or "none"
+            fid = report.fidelity
             details.append(f"  - {target:g}x {method}: lmopt fidelity on its {LMOPT_HELD_OUT} held-out calibration "
                            f"samples: top-1 {fid.get('top1_agreement', float('nan')):.3f}, nrmse "
-                           f"{fid.get('nrmse', float('nan')):.3f}; {report['original_ms']:.3f} ms -> predicted "
-                           f"{report['predicted_ms']:.3f} ms; blocks: {blocks}")
+                           f"{fid.get('nrmse', float('nan')):.3f}; {report.original_ms:.3f} ms -> predicted "
+                           f"{report.predicted_ms:.3f} ms; blocks: {blocks}")
             log(rows[-1])
     return rows, details
 

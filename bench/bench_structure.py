@@ -20,7 +20,8 @@ from lmopt.passes.merge_runs import merge_linear_runs  # noqa: E402
 from lmopt.loader import canonicalise  # noqa: E402
 from lmopt.passes.activations import without_activations  # noqa: E402
 from lmopt.inputs import random_feeds  # noqa: E402
-from lmopt.verify import compare, run_outputs  # noqa: E402
+from lmopt.metrics import compare
+from lmopt.runtime import run_outputs  # noqa: E402
 from models.build import ensure_model  # noqa: E402
 from models.pretrained import find_pretrained  # noqa: E402
 from models.zoo import NAMES  # noqa: E402

@@ -7,7 +7,7 @@ from .errors import LmoptError  # noqa: E402
 def optimize(model, target=2.0, **options):
     """Compress `model` (path or onnx.ModelProto) to run about `target` times faster.
 
-    Returns (optimized onnx.ModelProto, report dict). See lmopt.optimizer.optimize for options.
+    Returns (optimized onnx.ModelProto, lmopt.verify.Report). See lmopt.optimizer.optimize for options.
     """
     from .optimizer import optimize as _optimize
 

@@ -8,9 +8,8 @@ import numpy as np
 import onnx
 
 from .errors import LmoptError
-from .inputs import named_npz_feeds
-from .inputs import random_feeds
-from .verify import check_finite, input_specs
+from .inputs import named_npz_feeds, random_feeds
+from .onnxio import input_specs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -138,6 +137,14 @@ DEFAULT_COUNT = 256
 DEFAULT_RANDOM_COUNT = 16
 
 
+def check_finite(feeds: list[dict[str, np.ndarray]], what: str) -> None:
+    """Refuse data with NaN or inf: every score computed from it would be meaningless."""
+    for index, feed in enumerate(feeds):
+        for name, value in feed.items():
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise LmoptError(f"{what}: sample {index} ({name!r}) holds NaN or inf values")
+
+
 def evenly_spaced(feeds: list, count: int) -> list:
     """`count` of `feeds` spread evenly over them, in order: every source of data ordered by source
     is represented (the first `count` could all come from one image)."""
@@ -175,3 +182,26 @@ def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int | Non
     check_finite(cals, f"--calib {calib}" if calib else "random inputs")
     check_finite(evals, f"--eval {eval_data}" if eval_data else f"--calib {calib}")
     return cals, evals, note
+
+
+@dataclass
+class Data:
+    """The disjoint sets of inputs a run uses: `fit` fits refits and repairs, `score` scores candidates
+    and checks repairs, `eval` gives the report's fidelity figures."""
+    fit: list[dict]
+    score: list[dict]
+    eval: list[dict]
+    note: str
+
+    @property
+    def calibration(self) -> list[dict]:
+        return self.fit + self.score
+
+
+def study_data(model: onnx.ModelProto, calib: str | None, count: int | None, eval_count: int | None,
+               prep: Preprocess | None = None, eval_data: str | None = None, fitting: bool = True) -> Data:
+    """calibration_sets() with the calibration split in halves when anything is fitted: scored on its
+    own fitting data, a fit would look better than it is."""
+    cals, evals, note = calibration_sets(model, calib, count, eval_count, prep, eval_data)
+    split = len(cals) // 2 if fitting and len(cals) > 1 else 0
+    return Data(cals[:split], cals[split:], evals, note)

@@ -21,7 +21,8 @@ from onnx import numpy_helper
 
 from .errors import LmoptError
 from .repair import run_with_outputs
-from .verify import compare, damage, free_batch, is_classifier
+from .metrics import compare, damage, is_classifier
+from .runtime import free_batch
 
 log = logging.getLogger("lmopt.distill")
 

@@ -167,3 +167,8 @@ def input_dtype(value_info: onnx.ValueInfoProto):
         raise LmoptError(f"input {value_info.name!r} has element type "
                          f"{onnx.TensorProto.DataType.Name(elem)}, which lmopt does not feed")
     return NP_TYPES[elem]
+
+
+def input_specs(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...], type]]:
+    """(name, static shape, numpy dtype) of each graph input."""
+    return [(vi.name, static_shape(vi), input_dtype(vi)) for vi in graph_inputs(model)]

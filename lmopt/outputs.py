@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import onnx
 
 from .errors import LmoptError
-from .verify import compare, session
+from .metrics import compare
+from .runtime import run_named
 
 EMBEDDING_NAME = re.compile(r"embed|pool|sentence|hidden|feature|vector|token", re.IGNORECASE)
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -86,14 +86,7 @@ def restore_order(model: onnx.ModelProto, order: list[str]) -> onnx.ModelProto:
     return model
 
 
-def run_named(model: onnx.ModelProto, feeds: list[dict], names: list[str]) -> dict[str, np.ndarray]:
-    """Values of the outputs `names` over `feeds`, each stacked along a new leading axis."""
-    sess = session(model)
-    runs = [sess.run(names, feed) for feed in feeds]
-    return {name: np.stack([r[i] for r in runs]) for i, name in enumerate(names)}
-
-
-def compare_outputs(original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: list[dict]) -> dict[str, dict]:
+def output_fidelity(original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: list[dict]) -> dict[str, dict]:
     """Fidelity of every float output of `optimized` against `original`, keyed by output name."""
     names = float_outputs(original)
     reference, values = run_named(original, feeds, names), run_named(optimized, feeds, names)

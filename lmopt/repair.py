@@ -25,7 +25,8 @@ from .graph import to_model
 from .algebra.linear import ConvSpec, DenseSpec
 from .passes.merge import layer_spec, rewrite_prefix
 from .algebra.refit import refit_conv, refit_dense
-from .verify import compare, damage, run_each
+from .metrics import compare, damage
+from .runtime import run_each
 
 log = logging.getLogger("lmopt.repair")
 

@@ -6,11 +6,16 @@ back-pointers rebuild the plan. Chains share one budget through a min-plus combi
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from .candidates import Candidate
+from .errors import LmoptError
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("layermerge", "kim2023", "prune")
 
@@ -91,14 +96,12 @@ def select(chain_lengths: dict[int, int], candidates: list[Candidate], latency: 
            damage: dict[str, float], budget_ms: float, steps: int = 2000) -> tuple[list[Candidate], float] | None:
     """Least-damage plan whose summed block latency fits `budget_ms`; None when nothing fits.
 
-    Fix (tests/test_select.py): latencies used to be rounded to the nearest multiple of
-    budget/steps, which let plans over the budget through (ten 1.0024 ms blocks "fit" 10 ms),
-    missed the optimum (three 2 ms blocks against 6 ms) and answered None although a plan fits
-    (thirteen 1 ms blocks against 13.026 ms, as the optimizer's out-of-reach fallback asks).
-    Now they are rounded down, so the grid holds every plan that really fits: when the grid's
-    best plan really fits, it is the optimum. When rounding hid its excess, a 16x finer grid is
-    tried; then the capacity shrinks by the excess; at last the least-latency plan is taken.
-    The returned plan always fits, and None means that no plan fits (budget below `fastest`)."""
+    Latencies are rounded down to the grid (budget/steps), so the grid holds every plan that
+    really fits: when the grid's best plan really fits, it is the optimum (rounding to nearest
+    would let plans over the budget through, and miss plans that fit exactly). When rounding hid
+    its excess, a 16x finer grid is tried; then the capacity shrinks by the excess; at last the
+    least-latency plan is taken. The returned plan always fits, and None means that no plan fits
+    (budget below `fastest`)."""
     if budget_ms <= 0:
         return None
     limit = budget_ms * (1 + 1e-9)  # float sums of the same latencies may differ in the last bits
@@ -148,3 +151,57 @@ def fastest(chain_lengths: dict[int, int], candidates: list[Candidate], latency:
     """Least summed block latency any plan reaches (a shortest path per chain)."""
     plan = fastest_plan(chain_lengths, candidates, latency)
     return math.inf if plan is None else sum(latency[c.key] for c in plan)
+
+
+@dataclass
+class Plan:
+    """The chosen blocks (every chain covered; `changes` are the ones that rewrite something)."""
+    blocks: list[Candidate]
+    planned_ms: float  # summed block latency
+    predicted_speedup: float
+    target_met: bool
+    method: str
+
+    @property
+    def changes(self) -> list[Candidate]:
+        return [c for c in self.blocks if not c.is_original]
+
+
+def tie_broken(candidates: list[Candidate], latency: dict, damage: dict) -> dict:
+    """Damages with a tiny charge for each millisecond a candidate saves, so that among plans of equal
+    damage (free candidates, or a model whose outputs hardly move) the DP picks the one closest to
+    the target rather than an arbitrary faster one. The charge is far below any real difference."""
+    original = {(c.chain, c.start): latency[c.key] for c in candidates if c.is_original}
+    total_ms = sum(original.values()) or 1.0
+    charge = 1e-9 * (1.0 + max(damage.values(), default=0.0)) / total_ms
+    ranking = {}
+    for cand in candidates:
+        span_ms = sum(original.get((cand.chain, k), 0.0) for k in range(cand.start, cand.end))
+        ranking[cand.key] = damage[cand.key] + charge * max(0.0, span_ms - latency[cand.key])
+    return ranking
+
+
+def check_target(target: float) -> float:
+    if not target or target < 1.0:
+        raise LmoptError(f"--target must be at least 1 (a speed-up factor such as 1.5 or 2x), got {target}")
+    return target
+
+
+def choose(table, chain_lengths: dict[int, int], candidates: list[Candidate], damage: dict[str, float],
+           target: float, method: str) -> Plan:
+    """The plan of least summed `damage` within `target`'s budget on `table` (a profile.LatencyTable),
+    using the `method`'s candidates; the fastest plan when the target is out of reach."""
+    check_target(target)
+    candidates = [c for c in candidates if method_filter(method, c)]
+    ranking = tie_broken(candidates, table.block_ms, damage)
+    chosen = select(chain_lengths, candidates, table.block_ms, ranking, table.budget(target))
+    target_met = chosen is not None
+    if not target_met:
+        best_blocks = fastest(chain_lengths, candidates, table.block_ms)
+        logger.info("lmopt: target %gx is out of reach: the best achievable is about %.2fx; using that",
+                    target, table.predicted_speedup(best_blocks))
+        chosen = select(chain_lengths, candidates, table.block_ms, ranking, best_blocks * 1.002)
+        if chosen is None:  # cannot happen: the fastest plan fits its own latency
+            raise LmoptError("internal error: the planner found no plan at the fastest latency")
+    blocks, planned_ms = chosen
+    return Plan(blocks, planned_ms, table.predicted_speedup(planned_ms), target_met, method)

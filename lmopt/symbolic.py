@@ -20,7 +20,7 @@ from .graph import infer_shapes
 from .loader import check_opsets
 from .onnxio import graph_inputs, input_dtype, load_model
 from .outputs import float_outputs, run_named
-from .passes.apply import apply_candidates
+from .apply import apply_candidates
 from .passes.base import run_passes
 from .passes.canonical import CANONICAL_SYMBOLIC
 

@@ -25,10 +25,9 @@ from lmopt.candidates import enumerate_candidates
 from lmopt.passes.merge_runs import merge_linear_runs
 from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise
-from lmopt.optimizer import candidate_graph
-from lmopt.passes.cleanup import finish
+from lmopt.apply import apply_candidates
 from lmopt.passes.merge import BlockBuilder
-from lmopt.verify import session
+from lmopt.runtime import session
 
 TOL = 1e-4
 COUNT = int(os.environ.get("LMOPT_FUZZ_COUNT", "800"))
@@ -85,7 +84,7 @@ def candidate_failures(seed: int) -> list[str]:
     for cand in enumerate_candidates(analysis, gs.import_onnx(canon), max_kernel=99):
         try:
             exact = BlockBuilder(gs.import_onnx(canon), analysis.chains[cand.chain], cand).is_exact()
-            got = session(finish(candidate_graph(canon, analysis, cand), like=canon)).run(None, {"x": x})[0]
+            got = session(apply_candidates(canon, analysis, [cand])).run(None, {"x": x})[0]
         except Exception as exc:  # noqa: BLE001
             problems.append(f"{cand.key}: internal error {type(exc).__name__}: {exc}")
             continue

@@ -10,7 +10,13 @@ import lmopt
 from lmopt.cli import main
 from lmopt.errors import LmoptError
 from lmopt.onnxio import save_model
+from lmopt.calib import study_data
+from lmopt.metrics import compare
 from lmopt.optimizer import Study
+from lmopt.prepare import prepare
+from lmopt.report import op_table
+from lmopt.runtime import run_outputs
+from lmopt.score import Refits, Scorer, score
 from models.zoo import build
 
 FAST = {"runs": 3, "min_time_s": 0.0, "warmup_s": 0.0}   # timing quality is not under test
@@ -27,57 +33,73 @@ def small_resnet(tmp_path_factory):
 def study(small_resnet, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache") / "latency.sqlite"
     return Study(small_resnet, calib_count=4, eval_count=4, cache_path=cache, progress=False,
-                 backend_options=FAST, log=lambda *a: None)
+                 backend_options=FAST)
 
 
 @pytest.mark.parametrize("method", ["layermerge", "kim2023", "prune"])
 def test_plans_respect_the_budget_and_give_a_valid_model(study, method):
-    model, report = study.plan(1.3, method, measure=False)
+    plan, _, _, _ = study.choose(1.2, method, rounds=0)
+    assert plan.target_met and plan.changes
+    blocks_ms = sum(study.latency.block_ms[c.key] for c in plan.blocks)
+    assert blocks_ms == pytest.approx(plan.planned_ms) and blocks_ms <= study.latency.budget(1.2) * (1 + 1e-9)
+    for chain in study.prepared.analysis.chains:  # each chain covered once, block after block
+        spans = sorted((c.start, c.end) for c in plan.blocks if c.chain == chain.index)
+        assert [s for s, _ in spans] == [0] + [e for _, e in spans[:-1]] and spans[-1][1] == len(chain)
+    model, report = study.plan(1.2, method, measure=False, rounds=0)
     onnx.checker.check_model(model)
-    planned = report["predicted_ms"] * report["predicted_speedup"]  # = original estimate
-    assert planned == pytest.approx(report["original_ms"], rel=1e-6)
-    if report["target_met"]:
-        assert report["predicted_speedup"] >= 1.3 * 0.98   # discretisation slack of the DP
-    for change in report["changes"]:
+    assert report.method == method and [c["block"] for c in report.changes] == [c.key for c in plan.changes]
+    for change in report.changes:
         if method == "kim2023":
             assert not change["pruned"]
         if method == "prune":
             assert change["action"] in ("prune", "remove residual branch")
-    fid = report["fidelity"]
-    assert 0.0 <= fid["top1_agreement"] <= 1.0 and fid["kl"] >= 0.0
+    # The report's fidelity is that of the returned model on the evaluation data.
+    reference, got = run_outputs(study.prepared.model, study.data.eval), run_outputs(model, study.data.eval)
+    assert report.fidelity == compare(reference, got)
+    assert report.after["nodes"] == len(model.graph.node) < report.before["nodes"]
+
+
+def test_a_study_plans_with_its_own_method_and_refuses_others():
+    study = Study(build("resnet18", image_size=32), method="prune", calib_count=2, eval_count=2, cache_path=False,
+                  progress=False, backend_options=FAST)
+    _, report = study.plan(1.2, measure=False, rounds=0)
+    assert report.method == "prune"
+    assert all(change["action"] in ("prune", "remove residual branch") for change in report.changes)
+    with pytest.raises(LmoptError, match="prune candidates only"):
+        study.plan(1.2, "kim2023", measure=False)
 
 
 def test_boundary_correction_keeps_plans_consistent_with_chain_timings(study):
-    for chain in study.analysis.chains:
+    for chain in study.prepared.analysis.chains:
         length = len(chain)
         originals = [f"c{chain.index}:{k - 1}-{k}" for k in range(1, length + 1)]
-        timed = sum(study.timed_latency[k] for k in originals)
-        corrected = sum(study.latency[k] for k in originals)
-        if timed > study.chain_ms[chain.index]:   # blocks alone cost more than the chain: boundaries
-            assert corrected == pytest.approx(study.chain_ms[chain.index], rel=1e-6)
+        timed = sum(study.latency.timed_ms[k] for k in originals)
+        corrected = sum(study.latency.block_ms[k] for k in originals)
+        if timed > study.latency.chain_ms[chain.index]:   # blocks alone cost more than the chain: boundaries
+            assert corrected == pytest.approx(study.latency.chain_ms[chain.index], rel=1e-6)
         else:
             assert corrected == pytest.approx(timed)
-        for cand in study.candidates:
+        for cand in study.prepared.candidates:
             if cand.chain == chain.index:
-                assert study.latency[cand.key] <= study.timed_latency[cand.key] + 1e-12
+                assert study.latency.block_ms[cand.key] <= study.latency.timed_ms[cand.key] + 1e-12
                 if cand.start == 0 and cand.end == length:   # no inner boundary to give back
-                    assert study.latency[cand.key] == study.timed_latency[cand.key]
+                    assert study.latency.block_ms[cand.key] == study.latency.timed_ms[cand.key]
 
 
 def test_target_one_changes_nothing_and_outputs_are_identical(study):
     model, report = study.plan(1.0, "layermerge", measure=False)
-    assert report["changes"] == []
-    assert report["fidelity"]["max_abs"] == 0.0
+    assert report.changes == []
+    assert report.fidelity["max_abs"] == 0.0
 
 
 def test_layermerge_is_never_worse_than_its_baselines_in_predicted_damage(study):
     # LayerMerge's candidate set contains both baselines' sets, so its DP optimum cannot be worse.
     def total_damage(method):
         from lmopt.select import method_filter, select
-        cands = [c for c in study.candidates if method_filter(method, c)]
-        budget = study.estimate_ms / 1.3 - study.fixed_ms
-        chosen = select(study.chain_lengths, cands, study.latency, study.damage, budget)
-        return None if chosen is None else sum(study.damage[c.key] for c in chosen[0])
+        cands = [c for c in study.prepared.candidates if method_filter(method, c)]
+        budget = study.latency.estimate_ms / 1.3 - study.latency.fixed_ms
+        chosen = select(study.prepared.chain_lengths, cands, study.latency.block_ms, study.scores.damage, budget)
+        return None if chosen is None else sum(study.scores.damage[c.key] for c in chosen[0])
     lm = total_damage("layermerge")
     for baseline in ("kim2023", "prune"):
         other = total_damage(baseline)
@@ -97,15 +119,24 @@ def test_warm_run_retimes_and_rescores_nothing(small_resnet, tmp_path, monkeypat
 
     monkeypatch.setattr(ort_cpu.OrtCpuBackend, "measure", counting)
     cache = tmp_path / "latency.sqlite"
-    options = dict(calib_count=2, eval_count=2, cache_path=cache, progress=False, backend_options=FAST,
-                   log=lambda *a: None)
+    options = dict(calib_count=2, eval_count=2, cache_path=cache, progress=False, backend_options=FAST)
     Study(small_resnet, **options)
     cold = calls["measure"]
     calls["measure"] = 0
-    warm = Study(small_resnet, **options)
+    scored = {"count": 0}
+    original_score = Scorer.score
+
+    def counting_score(self, *args):
+        scored["count"] += 1
+        return original_score(self, *args)
+
+    monkeypatch.setattr(Scorer, "score", counting_score)
+    Study(small_resnet, **options)
     assert calls["measure"] == 0   # the whole model is cached like every block
-    assert warm._scorers == {}     # nothing was re-scored
+    assert scored["count"] == 0    # nothing was re-scored
     assert cold > 1
+    Study(small_resnet, **{**options, "calib_count": 3})  # other calibration data: scored again
+    assert scored["count"] > 0
 
 
 def test_profile_then_plan_from_the_table(small_resnet, tmp_path):
@@ -118,7 +149,8 @@ def test_profile_then_plan_from_the_table(small_resnet, tmp_path):
                  "-o", str(out), "-q", "--no-cache", "--calib-count", "2", "--eval-count", "2",
                  "--json", str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["latency_source"] == str(table)
+    assert report["latency_source"] == str(table) and report["written_to"] == str(out)
+    assert report["measured_ms"] is not None  # the table was made on this machine: measured here
     onnx.checker.check_model(onnx.load(out))
 
 
@@ -137,18 +169,26 @@ def test_a_table_of_another_model_is_refused(small_resnet, tmp_path, capsys):
 
 def test_python_api_returns_model_and_report(small_resnet, tmp_path):
     model, report = lmopt.optimize(str(small_resnet), target=1.2, calib_count=2, eval_count=2,
-                                   cache_path=False, progress=False, backend_options=FAST,
-                                   log=lambda *a: None)
-    assert isinstance(model, onnx.ModelProto)
-    assert report["measured_speedup"] > 0 and report["predicted_speedup"] >= 1.0
-    with pytest.raises(LmoptError):
+                                   cache_path=False, progress=False, backend_options=FAST)
+    assert isinstance(model, onnx.ModelProto) and report.target == 1.2 and report.method == "layermerge"
+    assert report.target_met and report.predicted_speedup >= 1.2 * (1 - 1e-6)
+    assert len(report.measured_ms) == 2 and report.to_json()["prediction_error"] == report.prediction_error
+    assert op_table(model) == report.after
+    with pytest.raises(LmoptError, match="at least 1"):
         lmopt.optimize(str(small_resnet), target=0.5)
 
 
 def test_calibration_arrays_drive_importance(small_resnet, tmp_path):
+    prepared = prepare(str(small_resnet))
     rng = np.random.default_rng(0)
-    calib = tmp_path / "calib.npy"
-    np.save(calib, rng.standard_normal((6, 3, 32, 32)).astype(np.float32))
-    study = Study(small_resnet, calib=str(calib), calib_count=3, eval_count=3, cache_path=False,
-                  progress=False, backend_options=FAST, log=lambda *a: None)
-    assert "held-out" in study.data_note and len(study.eval_feeds) == 3
+    damages = []
+    for name, scale in (("wide", 3.0), ("narrow", 0.1)):
+        calib = tmp_path / f"{name}.npy"
+        np.save(calib, scale * rng.standard_normal((6, 3, 32, 32)).astype(np.float32))
+        data = study_data(prepared.model, str(calib), 3, 3)
+        assert "held-out" in data.note and len(data.eval) == 3 and len(data.fit) == 1
+        # the held-out part is the end of the file, never calibration data
+        assert np.array_equal(data.eval[-1]["input"], np.load(calib)[5:6])
+        damages.append(score(prepared, data, Refits(prepared, data.fit), progress=False).damage)
+    changed = [key for key in damages[0] if abs(damages[0][key] - damages[1][key]) > 1e-6 * (1 + damages[0][key])]
+    assert len(changed) > len(damages[0]) // 2  # the data, not the structure alone, decides the scores

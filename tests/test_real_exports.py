@@ -56,7 +56,7 @@ def test_canonical_form_of_paddle_ocr_models_keeps_their_outputs(name):
     import numpy as np
 
     from lmopt.loader import canonicalise, parse_input_shapes
-    from lmopt.verify import run_all_outputs
+    from lmopt.runtime import run_named
 
     original = onnx.load(str(ocr_model(name)))
     canon, steps = canonicalise(original, parse_input_shapes([OCR_MODELS[name]]))
@@ -64,7 +64,7 @@ def test_canonical_form_of_paddle_ocr_models_keeps_their_outputs(name):
     shape = [int(v) for v in OCR_MODELS[name].split(":")[1].split(",")]
     feeds = [{"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}]
     original.graph.input[0].type.tensor_type.shape.dim[0].dim_value = shape[0]
-    want, got = run_all_outputs(original, feeds), run_all_outputs(canon, feeds)
+    want, got = run_named(original, feeds), run_named(canon, feeds)
     for key, values in want.items():
         scale = max(1.0, float(np.abs(values).max()))
         assert float(np.abs(got[key] - values).max()) <= 1e-4 * scale, key

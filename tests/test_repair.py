@@ -10,9 +10,9 @@ from lmopt.calib import calibration_sets
 from lmopt.candidates import enumerate_candidates
 from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise
-from lmopt.passes.apply import apply_candidates
+from lmopt.apply import apply_candidates
 from lmopt.repair import affine_fit, repair, run_with_outputs
-from lmopt.verify import compare, damage
+from lmopt.metrics import compare, damage
 from models.zoo import build, smooth_images
 
 

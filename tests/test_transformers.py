@@ -13,10 +13,12 @@ from lmopt.errors import LmoptError
 from lmopt.inputs import random_feeds, vocabulary_size
 from lmopt.loader import canonicalise
 from lmopt.onnxio import save_model
-from lmopt.optimizer import Study, boundary_corrected, tensor_size
+from lmopt.optimizer import Study
+from lmopt.profile import boundary_corrected, tensor_size
 from lmopt.outputs import float_outputs, output_kind, primary_first
-from lmopt.passes.apply import apply_candidates
-from lmopt.verify import compare, damage
+from lmopt.apply import apply_candidates
+from lmopt.metrics import compare, damage
+from lmopt.runtime import run_outputs
 
 FAST = {"runs": 3, "min_time_s": 0.0, "warmup_s": 0.0}
 SEQ = 16
@@ -44,7 +46,7 @@ def calib_path(tmp_path_factory):
 def study(bert_path, calib_path, tmp_path_factory):
     return Study(bert_path, calib=str(calib_path), input_shapes=SHAPES, calib_count=64, eval_count=32,
                  cache_path=tmp_path_factory.mktemp("cache") / "latency.sqlite", progress=False,
-                 backend_options=FAST, log=lambda *a: None)
+                 backend_options=FAST)
 
 
 def test_random_feeds_are_token_like():
@@ -107,26 +109,26 @@ def test_embedding_damage_is_one_minus_cosine():
 
 def test_tensor_size_and_boundary_correction_with_symbolic_dims(study):
     assert tensor_size(("batch", 16, 32)) == 512 and tensor_size(None) == 0 and tensor_size((2, "?", 3)) == 6
-    model = onnx.ModelProto.FromString(study.model.SerializeToString())
+    model = onnx.ModelProto.FromString(study.prepared.model.SerializeToString())
     for vi in model.graph.value_info:            # as real exports leave some dims unresolved
         if vi.type.tensor_type.shape.dim:
             vi.type.tensor_type.shape.dim[0].dim_param = "unk__1"
-    corrected = boundary_corrected(model, study.analysis, study.candidates, study.timed_latency, study.chain_ms)
-    assert set(corrected) == {c.key for c in study.candidates}
+    corrected = boundary_corrected(model, study.prepared.analysis, study.prepared.candidates, study.latency.timed_ms, study.latency.chain_ms)
+    assert set(corrected) == {c.key for c in study.prepared.candidates}
     assert all(np.isfinite(v) and v >= 0 for v in corrected.values())
 
 
 def test_optimize_an_encoder_end_to_end(study, tmp_path):
     model, report = study.plan(1.25, measure=False)
-    assert report["output"] == "sentence_embedding"
-    assert set(report["outputs"]) == {"sentence_embedding", "token_embeddings"}
-    for fid in report["outputs"].values():
+    assert report.primary_output == "sentence_embedding"
+    assert set(report.outputs) == {"sentence_embedding", "token_embeddings"}
+    for fid in report.outputs.values():
         assert -1.0 <= fid["cosine_min"] <= fid["cosine_mean"] <= 1.0 + 1e-9
-    assert report["changes"]  # random-weight layers are not free: something was changed for 1.25x
-    assert report["fidelity"]["cosine_mean"] < 1.0   # would be exactly 1 if measured on the int pass-through
+    assert report.changes  # random-weight layers are not free: something was changed for 1.25x
+    assert report.fidelity["cosine_mean"] < 1.0   # would be exactly 1 if measured on the int pass-through
     # the written model: outputs in the source's order, symbolic dims kept, runs at another shape
     assert [o.name for o in model.graph.output] == ["input_ids_out", "token_embeddings", "sentence_embedding"]
-    assert report["symbolic_dims"].startswith("symbolic dims kept")
+    assert report.symbolic_dims.startswith("symbolic dims kept")
     dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "sequence"]
     onnx.checker.check_model(model)
@@ -140,12 +142,12 @@ def test_classifier_encoder_is_scored_by_top1(bert_path, tmp_path):
     path = tmp_path / "cls.onnx"
     save_model(tiny_bert(classes=5), path)
     study = Study(path, input_shapes=SHAPES, calib_count=8, eval_count=8, cache_path=tmp_path / "c.sqlite",
-                  progress=False, backend_options=FAST, log=lambda *a: None)
+                  progress=False, backend_options=FAST)
     _, report = study.plan(1.2, measure=False)
-    assert report["output"] == "logits"
-    assert 0.0 <= report["fidelity"]["top1_agreement"] <= 1.0 and "cosine_mean" not in report["fidelity"]
-    assert list(report["outputs"]) == ["token_embeddings", "logits"]
-    assert "cosine_mean" in report["outputs"]["token_embeddings"]
+    assert report.primary_output == "logits"
+    assert 0.0 <= report.fidelity["top1_agreement"] <= 1.0 and "cosine_mean" not in report.fidelity
+    assert list(report.outputs) == ["token_embeddings", "logits"]
+    assert "cosine_mean" in report.outputs["token_embeddings"]
 
 
 def test_cli_on_an_encoder_with_npz_calibration(bert_path, calib_path, tmp_path, capsys):
@@ -164,7 +166,7 @@ def test_cli_on_an_encoder_with_npz_calibration(bert_path, calib_path, tmp_path,
 
 def _mlp_collapse(study, chain_index=None):
     """The MLP-collapse candidate (fc1 -> act -> fc2 merged into one layer) of the last layer."""
-    cands = [c for c in study.candidates if c.length == 2 and not c.pruned and not c.rank]
+    cands = [c for c in study.prepared.candidates if c.length == 2 and not c.pruned and not c.rank]
     return max(cands, key=lambda c: c.chain) if chain_index is None else cands[chain_index]
 
 
@@ -172,15 +174,15 @@ def test_mlp_collapse_is_exact_when_the_activation_is_linear(tmp_path):
     path = tmp_path / "linear_mlp.onnx"
     save_model(tiny_bert(activation=False), path)
     study = Study(path, input_shapes=SHAPES, calib_count=8, eval_count=8, cache_path=tmp_path / "c.sqlite",
-                  progress=False, backend_options=FAST, log=lambda *a: None)
+                  progress=False, backend_options=FAST)
     cand = _mlp_collapse(study)
-    assert study.operator_for(cand) is None           # exact: nothing to refit
-    collapsed = apply_candidates(study.model, study.analysis, [cand])
+    assert study.refits.operator(cand) is None           # exact: nothing to refit
+    collapsed = apply_candidates(study.prepared.model, study.prepared.analysis, [cand])
     assert sum(n.op_type == "MatMul" for n in collapsed.graph.node) == \
-        sum(n.op_type == "MatMul" for n in study.model.graph.node) - 1
-    feeds = study.eval_feeds
+        sum(n.op_type == "MatMul" for n in study.prepared.model.graph.node) - 1
+    feeds = study.data.eval
     names = ["sentence_embedding", "token_embeddings"]
-    ref = ort.InferenceSession(study.model.SerializeToString())
+    ref = ort.InferenceSession(study.prepared.model.SerializeToString())
     new = ort.InferenceSession(collapsed.SerializeToString())
     for feed in feeds:
         for want, got in zip(ref.run(names, feed), new.run(names, feed)):
@@ -189,15 +191,15 @@ def test_mlp_collapse_is_exact_when_the_activation_is_linear(tmp_path):
 
 def test_mlp_collapse_refit_improves_held_out_fidelity(study):
     cand = _mlp_collapse(study)
-    refit = study.operator_for(cand)
+    refit = study.refits.operator(cand)
     assert refit is not None
-    reference = study.scorer("score").reference    # held out: the refit saw only the fitting half
+    reference = run_outputs(study.prepared.model, study.data.score)    # held out: the refit saw only the fitting half
     names = ["sentence_embedding"]
 
     def held_out(operators):
-        model = apply_candidates(study.model, study.analysis, [cand], operators)
+        model = apply_candidates(study.prepared.model, study.prepared.analysis, [cand], operators)
         sess = ort.InferenceSession(model.SerializeToString())
-        values = np.stack([sess.run(names, feed)[0] for feed in study.score_feeds])
+        values = np.stack([sess.run(names, feed)[0] for feed in study.data.score])
         return compare(reference, values, kind="embedding")["cosine_mean"]
 
     composed, fitted = held_out({}), held_out({cand.key: refit})
@@ -205,7 +207,7 @@ def test_mlp_collapse_refit_improves_held_out_fidelity(study):
 
 
 def test_two_point_latency_fit():
-    from lmopt.latency_fit import two_point_fit
+    from lmopt.profile import two_point_fit
     # blocks sum to 4 ms alone; the model takes 7 ms whole and 1.5 ms with blocks of 0.5 ms
     scale, fixed = two_point_fit(7.0, 4.0, 1.5, 0.5)
     assert scale == pytest.approx(5.5 / 3.5) and fixed == pytest.approx(7.0 - 4.0 * 5.5 / 3.5)
@@ -216,15 +218,15 @@ def test_two_point_latency_fit():
 
 
 def test_dense_models_get_block_latencies_in_context(study):
-    assert study.latency_scale > 0
-    original = sum(study.latency[c.key] for c in study.candidates if c.is_original)
-    assert study.estimate_ms == pytest.approx(study.fixed_ms + original)
-    if study.latency_scale != 1.0:
-        assert study.estimate_ms == pytest.approx(study.whole_ms)
-        corrected = boundary_corrected(study.model, study.analysis, study.candidates, study.timed_latency,
-                                       study.chain_ms)
+    assert study.latency.scale > 0
+    original = sum(study.latency.block_ms[c.key] for c in study.prepared.candidates if c.is_original)
+    assert study.latency.estimate_ms == pytest.approx(study.latency.fixed_ms + original)
+    if study.latency.scale != 1.0:
+        assert study.latency.estimate_ms == pytest.approx(study.latency.whole_ms)
+        corrected = boundary_corrected(study.prepared.model, study.prepared.analysis, study.prepared.candidates, study.latency.timed_ms,
+                                       study.latency.chain_ms)
         for key, ms in corrected.items():
-            assert study.latency[key] == pytest.approx(study.latency_scale * ms)
+            assert study.latency.block_ms[key] == pytest.approx(study.latency.scale * ms)
 
 
 def test_refit_rows_are_the_real_tokens():
@@ -262,24 +264,24 @@ def test_low_rank_collapse_is_a_candidate_and_its_graph_is_the_factored_map(tmp_
     path = tmp_path / "linear_mlp.onnx"
     save_model(tiny_bert(activation=False), path)
     study = Study(path, input_shapes=SHAPES, calib_count=8, eval_count=8, cache_path=tmp_path / "c.sqlite",
-                  progress=False, backend_options=FAST, log=lambda *a: None)
+                  progress=False, backend_options=FAST)
     full = _mlp_collapse(study)
-    low = next(c for c in study.candidates if (c.chain, c.start, c.end) == (full.chain, full.start, full.end)
+    low = next(c for c in study.prepared.candidates if (c.chain, c.start, c.end) == (full.chain, full.start, full.end)
                and c.rank)
     assert low.rank == 8 and low.key.endswith("/r8") and not low.is_original
-    assert low.key in study.latency and low.key in study.damage
-    factored = apply_candidates(study.model, study.analysis, [low])
+    assert low.key in study.latency.block_ms and low.key in study.scores.damage
+    factored = apply_candidates(study.prepared.model, study.prepared.analysis, [low])
     ops = [n.op_type for n in factored.graph.node]
-    assert ops.count("MatMul") == sum(n.op_type == "MatMul" for n in study.model.graph.node)  # 2 -> 2 layers
-    merged, _ = BlockBuilder(gs.import_onnx(study.model), study.analysis.chains[full.chain], full).build()
-    dense = apply_candidates(study.model, study.analysis, [full], {full.key: truncated(merged, 8).dense()})
+    assert ops.count("MatMul") == sum(n.op_type == "MatMul" for n in study.prepared.model.graph.node)  # 2 -> 2 layers
+    merged, _ = BlockBuilder(gs.import_onnx(study.prepared.model), study.prepared.analysis.chains[full.chain], full).build()
+    dense = apply_candidates(study.prepared.model, study.prepared.analysis, [full], {full.key: truncated(merged, 8).dense()})
     names = ["sentence_embedding"]
     a = ort.InferenceSession(factored.SerializeToString())
     b = ort.InferenceSession(dense.SerializeToString())
-    for feed in study.eval_feeds:
+    for feed in study.data.eval:
         np.testing.assert_allclose(a.run(names, feed)[0], b.run(names, feed)[0], rtol=1e-4, atol=1e-4)
     _, report = study.plan(1.0, measure=False)
-    assert report["changes"] == []
+    assert report.changes == []
 
 
 def test_fixed_shape_model_is_written_when_the_plan_does_not_apply_with_symbolic_dims(study, monkeypatch):
@@ -290,7 +292,7 @@ def test_fixed_shape_model_is_written_when_the_plan_does_not_apply_with_symbolic
 
     monkeypatch.setattr(lmopt.symbolic, "apply_candidates", refuse)
     model, report = study.plan(1.25, measure=False, rounds=0)
-    assert report["changes"] and report["symbolic_dims"].startswith("kept fixed")
+    assert report.changes and report.symbolic_dims.startswith("kept fixed")
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, SEQ]
     assert [o.name for o in model.graph.output] == ["input_ids_out", "token_embeddings", "sentence_embedding"]
 
@@ -300,6 +302,6 @@ def test_no_symbolic_dims_note_for_a_fixed_shape_source(tmp_path):
     model, _ = canonicalise(tiny_bert(), SHAPES)     # all dims fixed
     save_model(model, path)
     study = Study(path, calib_count=4, eval_count=4, cache_path=tmp_path / "c.sqlite", progress=False,
-                  backend_options=FAST, log=lambda *a: None)
+                  backend_options=FAST)
     _, report = study.plan(1.2, measure=False, rounds=0)
-    assert report["symbolic_dims"] == ""
+    assert report.symbolic_dims == ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -37,6 +38,21 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_messages(quiet: bool) -> None:
+    """lmopt's messages (the "lmopt" logger) go to stdout beside the report, warnings and errors to
+    stderr; with the report as JSON on stdout, only the warnings."""
+    logger = logging.getLogger("lmopt")
+    info = logging.StreamHandler(sys.stdout)
+    info.addFilter(lambda record: record.levelno < logging.WARNING)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    for handler in (info, warnings):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [warnings] if quiet else [info, warnings]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def quiet_onnxruntime() -> None:
     """ONNX Runtime logs warnings (graph optimizer notes) to stderr by default: errors only."""
     import onnxruntime
@@ -49,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         quiet_onnxruntime()
+        show_messages(quiet=getattr(args, "json", None) in ("-", True))
         return int(args.run(args) or 0)
     except LmoptError as exc:
         print(f"lmopt {args.tool}: error: {exc}", file=sys.stderr)

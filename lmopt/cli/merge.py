@@ -1,17 +1,17 @@
 """`lmopt merge`: fold every run of linear layers that has no activation between them."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ..dynamic import keep_dynamic_batch
 from ..errors import LmoptError
 from ..inputs import random_feeds
-from ..onnxio import check_writable, load_model, save_model
+from ..onnxio import load_model, save_model
 from ..passes.merge_runs import merge_linear_runs
-from ..verify import compare_outputs, format_op_table, op_table, run_all_outputs
-from .common import add_model_arguments, load_canonical, print_json
+from ..metrics import compare_named
+from ..report import format_op_table, op_table
+from ..runtime import run_named
+from .common import add_model_arguments, check_output, load_canonical, print_json
 
 # An exact merge may differ by float rounding: this much relative to the largest output magnitude,
 # or absolute when outputs are below 1 (a sigmoid map near 0 has rounding from much larger features).
@@ -31,11 +31,9 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    if Path(args.output).resolve() == Path(args.model).resolve():
-        raise LmoptError("-o would overwrite the input model: choose another path")
     if args.samples < 1:
         raise LmoptError("--samples must be at least 1")
-    check_writable(args.output, "-o")
+    check_output(args.model, args.output)
     model, _ = load_canonical(args)
     merged, chosen, skipped = merge_linear_runs(model, args.allow_inexact)
     report = {"merged": chosen, "left_alone": skipped}
@@ -50,8 +48,8 @@ def run(args) -> int:
                 + f"; wrote {args.output} as a copy of the input")
         return 0
     feeds = random_feeds(model, args.samples)
-    reference = run_all_outputs(model, feeds)
-    by_output = compare_outputs(reference, run_all_outputs(merged, feeds))
+    reference = run_named(model, feeds)
+    by_output = compare_named(reference, run_named(merged, feeds))
     worst = max(by_output.values(), key=lambda m: m["max_rel"])
     scale = max([1.0] + [float(np.abs(values).max()) for values in reference.values() if values.size])
     report["verification"] = worst

@@ -13,18 +13,15 @@ from ..latency.base import BACKENDS
 from ..latency.cache import LatencyCache
 from ..loader import parse_input_shapes
 from ..onnxio import atomic_write_text, check_writable, save_model
-from ..select import METHODS
-from .common import add_model_arguments, print_json
+from ..select import METHODS, check_target
+from .common import add_model_arguments, check_output, print_json
 
 
 def parse_target(text: str) -> float:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*[xX]?\s*", text)
     if not match:
         raise LmoptError(f"--target {text!r}: expected a speed-up factor such as 1.5 or 2x")
-    value = float(match.group(1))
-    if value < 1.0:
-        raise LmoptError(f"--target {text}: must be at least 1 (a speed-up, not a slow-down)")
-    return value
+    return check_target(float(match.group(1)))
 
 
 def add_backend_arguments(parser) -> None:
@@ -85,9 +82,7 @@ def add_parser(subparsers):
 
 def check_outputs(model: str, output: Path, json_path: str | None, use_cache: bool) -> None:
     """Every path this run will write, checked before any profiling."""
-    if output.resolve() == Path(model).resolve():
-        raise LmoptError("-o would overwrite the input model: choose another path")
-    check_writable(output, "-o")
+    check_output(model, output)
     if json_path not in (None, "-"):
         if Path(json_path).resolve() in (output.resolve(), Path(model).resolve()):
             raise LmoptError(f"--json {json_path}: would overwrite the model; choose another path")
@@ -97,7 +92,8 @@ def check_outputs(model: str, output: Path, json_path: str | None, use_cache: bo
 
 
 def run(args) -> int:
-    from ..optimizer import format_report, optimize
+    from ..optimizer import optimize
+    from ..report import format_report
 
     target = parse_target(args.target)
     if (args.calib_count is not None and args.calib_count < 1) or (args.eval_count is not None and args.eval_count < 1):
@@ -111,24 +107,23 @@ def run(args) -> int:
         calib_count=args.calib_count, eval_count=args.eval_count, eval_data=args.eval_data,
         repair=args.repair, distill_minutes=args.distill_minutes if args.distill else 0.0, input_shapes=parse_input_shapes(args.input_shape),
         latency_table=args.latency_table, max_kernel=args.max_kernel, cache_path=False if args.no_cache else None,
-        measure=not args.no_measure, rounds=args.rounds, refit=not args.no_refit, progress=not args.quiet, backend_options=backend_options(args),
-        log=(lambda *a: None) if quiet_json else print)
-    if not report["target_met"]:
-        reached = f"the fastest plan found gives about {report['predicted_speedup']:.2f}x (predicted)"
+        measure=not args.no_measure, rounds=args.rounds, refit=not args.no_refit, progress=not args.quiet, backend_options=backend_options(args))
+    if not report.target_met:
+        reached = f"the fastest plan found gives about {report.predicted_speedup:.2f}x (predicted)"
         if not args.best_effort:
             raise LmoptError(f"target {target:g}x is out of reach: {reached}; nothing written "
                              "(--best-effort writes that plan)")
         print(f"lmopt optimize: target {target:g}x is out of reach: {reached}; writing it (--best-effort)",
               file=sys.stderr)
-    model, report["batch"] = keep_dynamic_batch(model, args.model)
+    model, report.batch = keep_dynamic_batch(model, args.model)
     save_model(model, output)
-    report["output"] = str(output)
+    report.written_to = str(output)
     if args.json:
         if quiet_json:
-            print_json(report)
+            print_json(report.to_json())
         else:
-            atomic_write_text(args.json, json.dumps(report, indent=2, default=str) + "\n")
+            atomic_write_text(args.json, json.dumps(report.to_json(), indent=2, default=str) + "\n")
     if not quiet_json:
         print(format_report(report))
-        print(f"wrote {output} ({report['batch']})")
+        print(f"wrote {output} ({report.batch})")
     return 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 from ..latency.cache import LatencyCache
 from ..latency.profiler import write_table
 from ..loader import parse_input_shapes
-from ..onnxio import check_writable
-from .common import add_model_arguments
+from .common import add_model_arguments, check_output
 from .optimize import add_backend_arguments, backend_options
 
 
@@ -20,14 +19,15 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from ..optimizer import profile_table
+    from ..prepare import prepare
+    from ..profile import profile_table
 
-    check_writable(args.output, "-o")
+    check_output(args.model, args.output)
     if not args.no_cache:
         LatencyCache().close()  # creates, checks (and repairs) the cache before any work
-    table = profile_table(args.model, args.backend, parse_input_shapes(args.input_shape), args.max_kernel,
-                          cache_path=False if args.no_cache else None, progress=not args.quiet,
-                          **backend_options(args))
+    prepared = prepare(args.model, parse_input_shapes(args.input_shape), args.max_kernel)
+    table = profile_table(prepared, args.backend, cache_path=False if args.no_cache else None,
+                          progress=not args.quiet, **backend_options(args))
     write_table(args.output, table)
     print(f"{len(table['blocks'])} blocks timed on {table['backend']['backend']} ({table['backend'].get('device')}); "
           f"whole model {table['model_ms']:.3f} ms; wrote {args.output}")

@@ -322,7 +322,7 @@ def fold_constants(graph: gs.Graph) -> tuple[gs.Graph, int]:
         try:
             graph.fold_constants(error_ok=True)
         except Exception as exc:  # noqa: BLE001 - unfolded constants are still correct, only slower to analyse
-            logger.info("constant folding stopped early: %s", one_line(exc, type(exc).__name__))
+            logger.info("lmopt: constant folding stopped early: %s", one_line(exc, type(exc).__name__))
             graph.cleanup()
             return graph, removed + before - len(graph.nodes)
         graph.cleanup()

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import analyse
 from ..candidates import Candidate, merge_runs
-from .apply import apply_candidates
+from ..apply import apply_candidates
 from .merge import BlockBuilder
 
 

@@ -1,13 +1,13 @@
-"""Apply a set of disjoint candidates to a canonical model."""
+"""Apply a set of disjoint candidates (a plan's changes) to a canonical model: the application stage."""
 from __future__ import annotations
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..analysis import Analysis
-from ..candidates import Candidate
-from .cleanup import finish
-from .merge import rewrite_block
+from .analysis import Analysis
+from .candidates import Candidate
+from .passes.cleanup import finish
+from .passes.merge import rewrite_block
 
 
 def apply_candidates(model: onnx.ModelProto, analysis: Analysis, candidates: list[Candidate],
