@@ -337,7 +337,8 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
     from lmopt.latency import tensorrt as lt
 
     fake_trt("10.3.0")
-    calls = {"enqueue": 0, "malloc": 0, "free": 0, "addresses": {}}
+    calls = {"enqueue": 0, "malloc": 0, "free": 0, "addresses": {}, "streams": set(), "destroyed": 0,
+             "stream_freed": 0}
 
     class Context:
         def set_tensor_address(self, name, ptr):
@@ -346,6 +347,7 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
 
         def execute_async_v3(self, stream):
             calls["enqueue"] += 1
+            calls["streams"].add(stream)
             return calls["enqueue"] != 2  # the 2nd enqueue is the one under capture: fails
 
     engine = NS(num_io_tensors=2, get_tensor_name=["x", "y"].__getitem__,
@@ -355,7 +357,9 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
     wrapper = NS(malloc=lambda n: calls.__setitem__("malloc", calls["malloc"] + 1) or 4096 * calls["malloc"],
                  memcpy=lambda **kw: None, free=lambda p: calls.__setitem__("free", calls["free"] + 1))
     monkeypatch.setattr(poly_cuda, "wrapper", lambda: wrapper)
-    monkeypatch.setattr(poly_cuda, "Stream", lambda: NS(ptr=7, synchronize=lambda: None, free=lambda: None))
+    monkeypatch.setattr(poly_cuda, "Stream", lambda: NS(ptr=7, synchronize=lambda: None,
+                                                        free=lambda: calls.__setitem__("stream_freed", 1)))
+    monkeypatch.setattr(cudart, "lib", lambda: None)
 
     class Graph:
         def begin_capture(self, stream): pass
@@ -367,12 +371,13 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
         t = 0.0
 
         def record(self, stream):
+            assert stream == 7  # the events are on the stream TensorRT enqueues on
             Event.t += 0.5
             self.at = Event.t
 
         def synchronize(self): pass
         def elapsed_ms(self, start): return self.at - start.at
-        def destroy(self): pass
+        def destroy(self): calls["destroyed"] += 1
 
     monkeypatch.setattr(cudart, "Graph", Graph)
     monkeypatch.setattr(cudart, "Event", Event)
@@ -381,8 +386,9 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
     # one sample: 3 launches between one event pair (0.5 ms apart), plus one launch queued before the start event
     assert session.run_timed(3) == [pytest.approx(0.5 / 3)] and calls["enqueue"] == 2 + 1 + 3
     assert len(session.enqueue_ms) == 1
+    assert calls["streams"] == {7}
     session.close()
-    assert calls["free"] == 2
+    assert calls["free"] == 2 and calls["destroyed"] == 2 and calls["stream_freed"] == 1
 
 
 # --- TensorRT 11 and polygraphy ------------------------------------------------------------------
@@ -592,19 +598,186 @@ def test_cudart_without_any_runtime_still_raises(fresh_cudart, tmp_path, monkeyp
         fresh_cudart.lib()
 
 
-@pytest.mark.parametrize("symbol", ["cudaGetDeviceProperties_v2", "cudaGetDeviceProperties"])
-def test_device_name_with_either_properties_symbol(symbol, monkeypatch):
+class FakeLibrary:
+    """A shared library whose functions are ctypes callbacks with the prototypes lmopt declares for them:
+    every call is marshalled by ctypes exactly as a call into the real C library would be."""
+
+    def __init__(self, prototypes, **functions):
+        import ctypes
+
+        for name, function in functions.items():
+            setattr(self, name, ctypes.CFUNCTYPE(ctypes.c_int, *prototypes[name])(function))
+
+
+def fake_driver(name=b"NVIDIA Fake GPU", init_status=0):
     import ctypes
+
+    from lmopt.latency.cudart import DRIVER_PROTOTYPES
+
+    seen = {}
+
+    def get(device_p, ordinal):
+        device_p[0] = 100 + ordinal  # a CUdevice handle that differs from the ordinal
+        return 0
+
+    def get_name(buffer, length, device):
+        seen.update(length=length, device=device)
+        data = name[:length - 1] + b"\0"
+        ctypes.memmove(buffer, data, len(data))
+        return 0
+
+    return FakeLibrary(DRIVER_PROTOTYPES, cuInit=lambda flags: init_status, cuDeviceGet=get,
+                       cuDeviceGetName=get_name), seen
+
+
+def test_device_name_from_the_driver_with_the_buffer_length(monkeypatch):
+    from lmopt.latency import cudart
+
+    driver, seen = fake_driver()
+    monkeypatch.setattr(cudart, "driver_lib", lambda: driver)
+    assert cudart.device_name(1) == "NVIDIA Fake GPU"
+    assert seen == {"length": cudart.NAME_BYTES, "device": 101}  # told the buffer's size; the handle, not the ordinal
+    long_driver, _ = fake_driver(name=b"G" * 1000)
+    monkeypatch.setattr(cudart, "driver_lib", lambda: long_driver)
+    assert cudart.device_name() == "G" * (cudart.NAME_BYTES - 1)  # cut to the buffer, never past it
+
+
+def test_device_name_without_a_usable_driver(monkeypatch):
+    from lmopt.latency import cudart
+
+    failing, _ = fake_driver(init_status=100)  # CUDA_ERROR_NO_DEVICE
+    monkeypatch.setattr(cudart, "driver_lib", lambda: failing)
+    assert cudart.device_name() == cudart.UNKNOWN_DEVICE
+
+    def missing():
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(cudart, "driver_lib", missing)
+    assert cudart.device_name() == cudart.UNKNOWN_DEVICE
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    """A libcudart of ctypes callbacks: hands out 64-bit handles, logs every call with its arguments."""
+    from lmopt.latency import cudart
+
+    state = {"next": 0x7F00_0000_0000, "calls": [], "fail": {}}
+
+    def call(name, result=None):
+        def function(*args):
+            state["calls"].append((name, *args))
+            if result is not None:
+                result(*args)
+            return state["fail"].get(name, 0)
+        return function
+
+    def new_handle(pointer, *rest):
+        state["next"] += 0x10
+        pointer[0] = state["next"]
+
+    def elapsed(ms_p, start, end):
+        ms_p[0] = 2.5
+
+    names = [n for n in cudart.RUNTIME_PROTOTYPES
+             if n not in ("cudaEventCreate", "cudaStreamEndCapture", "cudaGraphInstantiateWithFlags",
+                          "cudaEventElapsedTime")]
+    library = FakeLibrary(
+        cudart.RUNTIME_PROTOTYPES, **{n: call(n) for n in names},
+        cudaEventCreate=call("cudaEventCreate", new_handle),
+        cudaStreamEndCapture=call("cudaStreamEndCapture", lambda stream, graph_p: new_handle(graph_p)),
+        cudaGraphInstantiateWithFlags=call("cudaGraphInstantiateWithFlags", new_handle),
+        cudaEventElapsedTime=call("cudaEventElapsedTime", elapsed))
+    monkeypatch.setattr(cudart, "lib", lambda: library)
+    return state
+
+
+STREAM = 0x7FFF_DEAD_BEE0  # above 2**32: a handle must reach the library whole
+
+
+def test_cudart_events_through_declared_prototypes(fake_runtime):
+    from lmopt.latency import cudart
+
+    start, end = cudart.Event(), cudart.Event()
+    start.record(STREAM)
+    end.record(STREAM)
+    end.synchronize()
+    assert end.elapsed_ms(start) == 2.5
+    first, second = start.ptr.value, end.ptr.value
+    assert first != second and first > 2 ** 32
+    assert fake_runtime["calls"][2:] == [("cudaEventRecord", first, STREAM), ("cudaEventRecord", second, STREAM),
+                                         ("cudaEventSynchronize", second),
+                                         ("cudaEventElapsedTime", fake_runtime["calls"][-1][1], first, second)]
+    start.destroy()
+    start.destroy()  # once only
+    assert [c for c in fake_runtime["calls"] if c[0] == "cudaEventDestroy"] == [("cudaEventDestroy", first)]
+    fake_runtime["fail"]["cudaEventRecord"] = 400  # cudaErrorInvalidResourceHandle
+    with pytest.raises(RuntimeError, match="cudaEventRecord failed with CUDA error 400"):
+        end.record(STREAM)
+
+
+@pytest.mark.parametrize("enqueued", [True, False])
+def test_cudart_graph_capture(fake_runtime, enqueued):
+    from lmopt.latency import cudart
+
+    graph = cudart.Graph()
+    graph.begin_capture(STREAM)
+    captured = graph.end_capture(STREAM, ok=enqueued)
+    calls = fake_runtime["calls"]
+    assert calls[0] == ("cudaStreamBeginCapture", STREAM, cudart.CAPTURE_MODE_THREAD_LOCAL)
+    assert calls[1][:2] == ("cudaStreamEndCapture", STREAM)
+    captured_graph = fake_runtime["next"] if not enqueued else fake_runtime["next"] - 0x10
+    names = [c[0] for c in calls]
+    assert ("cudaGraphDestroy", captured_graph) in calls  # the graph goes once instantiated (or refused)
+    if enqueued:
+        assert captured and graph.exec.value == fake_runtime["next"]
+        instantiate = next(c for c in calls if c[0] == "cudaGraphInstantiateWithFlags")
+        assert instantiate[2:] == (captured_graph, 0)
+        assert "cudaGetLastError" not in names
+        graph.launch(STREAM)
+        assert calls[-1] == ("cudaGraphLaunch", graph.exec.value, STREAM)
+    else:  # the enqueue under capture failed: nothing instantiated, the runtime's last error read
+        assert not captured and not graph.exec
+        assert "cudaGraphInstantiateWithFlags" not in names and names[-1] == "cudaGetLastError"
+
+
+def test_timed_stream_records_on_its_stream_and_releases_everything(fake_runtime, monkeypatch):
     from types import SimpleNamespace as NS
+
+    import polygraphy.cuda as poly_cuda
 
     from lmopt.latency import cudart
 
-    def get_properties(buffer, device):
-        ctypes.memmove(buffer, b"NVIDIA Fake GPU\0", 16)
+    freed = []
+    monkeypatch.setattr(poly_cuda, "Stream", lambda: NS(ptr=STREAM, synchronize=lambda: None,
+                                                        free=lambda: freed.append(STREAM)))
+    timer = cudart.TimedStream()
+    start, end = (event.ptr.value for event in timer.events)
+    timer.record(False)
+    timer.record(True)
+    assert timer.elapsed_ms() == 2.5
+    assert ("cudaEventRecord", start, STREAM) in fake_runtime["calls"]
+    assert ("cudaEventRecord", end, STREAM) in fake_runtime["calls"]
+    timer.close()
+    assert freed == [STREAM] and timer.events == ()
+    destroyed = [c[1] for c in fake_runtime["calls"] if c[0] == "cudaEventDestroy"]
+    assert destroyed == [start, end]
+
+    fake_runtime["calls"].clear()
+    created = []
+
+    def one_event_only(pointer):  # the second cudaEventCreate fails: the first event and the stream go
+        if created:
+            return 2  # cudaErrorMemoryAllocation
+        created.append(1)
+        pointer[0] = 0x1234_5678_9A
         return 0
 
-    monkeypatch.setattr(cudart, "lib", lambda: NS(**{symbol: get_properties}))  # a library exporting only one
-    assert cudart.device_name() == "NVIDIA Fake GPU"
+    monkeypatch.setattr(cudart, "lib", lambda: FakeLibrary(
+        cudart.RUNTIME_PROTOTYPES, cudaEventCreate=one_event_only,
+        cudaEventDestroy=lambda event: fake_runtime["calls"].append(("cudaEventDestroy", event)) or 0))
+    with pytest.raises(RuntimeError, match="cudaEventCreate"):
+        cudart.TimedStream()
+    assert fake_runtime["calls"] == [("cudaEventDestroy", 0x1234_5678_9A)] and freed == [STREAM, STREAM]
 
 
 # --- onnxruntime-gpu options and the TF32 policy -----------------------------------------------------
