@@ -142,10 +142,17 @@ def test_torch_translator_names_unsupported_ops():
         translate(model)
 
 
-def tiny_conv_model():
+def tiny_conv_model(channels=8, size=16):
     return model_of([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
                      helper.make_node("Relu", ["c"], ["y"])],
-                    [("x", [1, 8, 16, 16])], ["y"], [init("w", rand(8, 8, 3, 3))])
+                    [("x", [1, channels, size, size])], ["y"], [init("w", rand(channels, channels, 3, 3))])
+
+
+def assert_times_the_work(backend, small_ms):
+    """A block with 4096x the multiply-adds of tiny_conv_model (64 channels, 128x128) must measure slower:
+    fails when the events time something other than the launches (another stream, an empty graph)."""
+    big_ms = backend.measure(tiny_conv_model(channels=64, size=128))
+    assert 0 < small_ms < big_ms
 
 
 # --- torch-cuda ----------------------------------------------------------------------------------
@@ -153,11 +160,15 @@ def tiny_conv_model():
 @needs_torch_cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_torch_cuda_measures(precision):
+    import torch
+
     backend = get_backend("torch-cuda", precision=precision, warmup_s=0.05, runs=10, min_time_s=0.05)
-    assert backend.measure(tiny_conv_model()) > 0
-    assert len(backend.measure_interleaved([tiny_conv_model(), tiny_conv_model()], rounds=3)) == 2
+    assert_times_the_work(backend, backend.measure(tiny_conv_model()))
+    small, big = backend.measure_interleaved([tiny_conv_model(), tiny_conv_model(channels=64, size=128)], rounds=3)
+    assert 0 < small < big
     key = backend.cache_key()
-    assert key["precision"] == precision and "torch" in key["library"]
+    assert key["precision"] == precision and key["library"].startswith(f"torch {torch.__version__} CUDA ")
+    assert key["device"] == torch.cuda.get_device_name(0)
 
 
 # --- TensorRT ------------------------------------------------------------------------------------
@@ -167,7 +178,7 @@ def test_torch_cuda_measures(precision):
 def test_trt_measures(precision, tmp_path):
     backend = get_backend("trt", precision=precision, timing_cache=tmp_path / "timing.cache",
                           warmup_s=0.05, runs=10, min_time_s=0.05)
-    assert backend.measure(tiny_conv_model()) > 0
+    assert_times_the_work(backend, backend.measure(tiny_conv_model()))
     assert (tmp_path / "timing.cache").is_file()  # the shared timing cache was written
     key = backend.cache_key()
     assert key["backend"] == "trt" and key["library"].startswith("TensorRT ") and key["precision"] == precision
@@ -214,7 +225,7 @@ def test_ort_gpu_backends(name, provider):
         if "could not start" in str(exc):
             pytest.skip(str(exc))  # onnxruntime-gpu installed on a machine without a usable GPU
         raise
-    assert ms > 0
+    assert_times_the_work(backend, ms)
 
 
 # --- no GPU: one clear line and a non-zero exit --------------------------------------------------

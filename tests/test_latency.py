@@ -11,9 +11,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lmopt.errors import LmoptError
-from lmopt.latency import (LatencyBackend, LatencyCache, default_cache_path, get_backend, make_table,
-                           model_fingerprint, profile_blocks, read_table, structural_signature, write_table)
 from lmopt.inputs import random_feeds
+from lmopt.latency import (
+    LatencyBackend,
+    LatencyCache,
+    default_cache_path,
+    get_backend,
+    make_table,
+    model_fingerprint,
+    profile_blocks,
+    read_table,
+    structural_signature,
+    write_table,
+)
+from lmopt.latency.base import Session, cpu_name, physical_cores
 from lmopt.latency.fp16 import convert_to_fp16
 from lmopt.onnxio import DEFAULT_OPSET, max_ir_version, runtime_compatible
 
@@ -214,18 +225,76 @@ def fast_ort():
     return get_backend("ort-cpu", warmup_s=0.01, runs=5, min_time_s=0.01)
 
 
-def test_ort_backend_measures_positive_medians():
+def test_ort_backend_times_the_work():
+    # 1024x the multiply-adds (64 channels at 64x64 against 8 at 16x16) must measure slower.
     backend = fast_ort()
-    ms = backend.measure(conv_block())
-    assert ms > 0
+    small, big = backend.measure(conv_block()), backend.measure(conv_block(channels=64, size=64))
+    assert 0 < small < big
     key = backend.cache_key()
-    assert key["backend"] == "ort-cpu" and key["precision"] == "fp32" and key["threads"] >= 1
-    assert "onnxruntime" in key["library"] and key["device"]
+    assert key["backend"] == "ort-cpu" and key["precision"] == "fp32" and key["threads"] == physical_cores()
+    assert key["library"] == f"onnxruntime {ort.__version__}" and key["device"] == cpu_name()
 
 
-def test_ort_backend_interleaved_returns_one_median_per_model():
-    medians = fast_ort().measure_interleaved([conv_block(size=8), conv_block(size=32), conv_block()], rounds=3)
-    assert len(medians) == 3 and all(m > 0 for m in medians)
+def test_ort_backend_interleaved_times_each_model():
+    small, big = fast_ort().measure_interleaved([conv_block(), conv_block(channels=64, size=64)], rounds=3)
+    assert 0 < small < big
+
+
+class ScriptedSession(Session):
+    """Returns `cold` for its first run (the warm-up), then cycles through `times`; logs to `log`."""
+
+    def __init__(self, index, times, log, cold=100.0):
+        self.index, self.times, self.log, self.cold = index, times, log, cold
+        self.runs = 0
+
+    def run_timed(self, count):
+        samples = []
+        for _ in range(count):
+            samples.append(self.cold if self.runs == 0 else self.times[(self.runs - 1) % len(self.times)])
+            self.runs += 1
+        self.log.append(("run", self.index, count))
+        return samples
+
+    def close(self):
+        self.log.append(("close", self.index))
+
+
+class ScriptedBackend(LatencyBackend):
+    """Model i's session cycles through script[i]; the model's first input width is i."""
+
+    name = "scripted"
+
+    def __init__(self, script, **options):
+        super().__init__(warmup_s=0.0, min_time_s=0.0, **options)
+        self.script, self.log = script, []
+
+    def cache_key(self):
+        return {"backend": self.name}
+
+    def _open(self, model):
+        index = model.graph.input[0].type.tensor_type.shape.dim[3].dim_value
+        return ScriptedSession(index, self.script[index], self.log)
+
+
+def indexed_blocks(count):
+    return [conv_block(size=index) for index in range(count)]
+
+
+def test_measure_is_the_median_after_warm_up():
+    backend = ScriptedBackend({3: [1.0, 2.0, 6.0]}, runs=5)
+    # warm-up run (100 ms, cold) left out; 5 timed runs: 1, 2, 6, 1, 2 -> median 2
+    assert backend.measure(conv_block(size=3)) == 2.0
+    assert backend.log == [("run", 3, 1), *[("run", 3, 1)] * 5, ("close", 3)]
+
+
+def test_measure_interleaved_rotates_the_order_and_keeps_medians_apart():
+    backend = ScriptedBackend({0: [1.0], 1: [2.0, 4.0], 2: [3.0]}, runs=6)
+    assert backend.measure_interleaved(indexed_blocks(3), rounds=3) == [1.0, 3.0, 3.0]
+    runs = [(index, count) for kind, index, *count in backend.log if kind == "run"]
+    assert runs[:3] == [(0, [1]), (1, [1]), (2, [1])]  # one warm-up run each
+    # then 3 rounds of ceil(6 / 3) = 2 runs per model, each round starting one model later
+    assert runs[3:] == [(index, [2]) for index in [0, 1, 2, 1, 2, 0, 2, 0, 1]]
+    assert [entry for entry in backend.log if entry[0] == "close"] == [("close", 0), ("close", 1), ("close", 2)]
 
 
 def test_ort_backend_accepts_a_newer_ir_version_and_leaves_the_model_alone():
