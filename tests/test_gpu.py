@@ -88,7 +88,8 @@ def graphs():
          helper.make_node("Gelu", ["ln"], ["ge"], approximate="tanh"),
          helper.make_node("Softmax", ["ge"], ["y"], axis=1)],
         [("x", [3, 8])], ["y"],
-        [init("w", rand(6, 8)), init("b", rand(6)), init("w2", rand(3, 4)), init("shape", np.array([2, 3, 4], np.int64)),
+        [init("w", rand(6, 8)), init("b", rand(6)), init("w2", rand(3, 4)),
+         init("shape", np.array([2, 3, 4], np.int64)),
          init("m", rand(4, 5)), init("ln_s", rand(5)), init("ln_b", rand(5))], opset=20)
     yield "pools-flatten-transpose-concat-gather", model_of(
         [helper.make_node("MaxPool", ["x"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0]),

@@ -178,9 +178,8 @@ def test_profile_blocks_second_call_retimes_nothing(tmp_path):
 
 def test_interrupted_profiling_keeps_what_was_timed(tmp_path):
     path = tmp_path / "c.sqlite"
-    with LatencyCache(path) as cache:
-        with pytest.raises(KeyboardInterrupt):
-            profile_blocks(some_blocks(), CountingBackend(interrupt_at=3), cache=cache, progress=False)
+    with LatencyCache(path) as cache, pytest.raises(KeyboardInterrupt):
+        profile_blocks(some_blocks(), CountingBackend(interrupt_at=3), cache=cache, progress=False)
     with LatencyCache(path) as cache:  # as after a restart
         assert len(cache) == 2
         resumed = CountingBackend()
