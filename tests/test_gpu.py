@@ -88,7 +88,8 @@ def graphs():
          helper.make_node("Gelu", ["ln"], ["ge"], approximate="tanh"),
          helper.make_node("Softmax", ["ge"], ["y"], axis=1)],
         [("x", [3, 8])], ["y"],
-        [init("w", rand(6, 8)), init("b", rand(6)), init("w2", rand(3, 4)), init("shape", np.array([2, 3, 4], np.int64)),
+        [init("w", rand(6, 8)), init("b", rand(6)), init("w2", rand(3, 4)),
+         init("shape", np.array([2, 3, 4], np.int64)),
          init("m", rand(4, 5)), init("ln_s", rand(5)), init("ln_b", rand(5))], opset=20)
     yield "pools-flatten-transpose-concat-gather", model_of(
         [helper.make_node("MaxPool", ["x"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0]),
@@ -142,10 +143,17 @@ def test_torch_translator_names_unsupported_ops():
         translate(model)
 
 
-def tiny_conv_model():
+def tiny_conv_model(channels=8, size=16):
     return model_of([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
                      helper.make_node("Relu", ["c"], ["y"])],
-                    [("x", [1, 8, 16, 16])], ["y"], [init("w", rand(8, 8, 3, 3))])
+                    [("x", [1, channels, size, size])], ["y"], [init("w", rand(channels, channels, 3, 3))])
+
+
+def assert_times_the_work(backend, small_ms):
+    """A block with 4096x the multiply-adds of tiny_conv_model (64 channels, 128x128) must measure slower:
+    fails when the events time something other than the launches (another stream, an empty graph)."""
+    big_ms = backend.measure(tiny_conv_model(channels=64, size=128))
+    assert 0 < small_ms < big_ms
 
 
 # --- torch-cuda ----------------------------------------------------------------------------------
@@ -153,11 +161,15 @@ def tiny_conv_model():
 @needs_torch_cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_torch_cuda_measures(precision):
+    import torch
+
     backend = get_backend("torch-cuda", precision=precision, warmup_s=0.05, runs=10, min_time_s=0.05)
-    assert backend.measure(tiny_conv_model()) > 0
-    assert len(backend.measure_interleaved([tiny_conv_model(), tiny_conv_model()], rounds=3)) == 2
+    assert_times_the_work(backend, backend.measure(tiny_conv_model()))
+    small, big = backend.measure_interleaved([tiny_conv_model(), tiny_conv_model(channels=64, size=128)], rounds=3)
+    assert 0 < small < big
     key = backend.cache_key()
-    assert key["precision"] == precision and "torch" in key["library"]
+    assert key["precision"] == precision and key["library"].startswith(f"torch {torch.__version__} CUDA ")
+    assert key["device"] == torch.cuda.get_device_name(0)
 
 
 # --- TensorRT ------------------------------------------------------------------------------------
@@ -167,7 +179,7 @@ def test_torch_cuda_measures(precision):
 def test_trt_measures(precision, tmp_path):
     backend = get_backend("trt", precision=precision, timing_cache=tmp_path / "timing.cache",
                           warmup_s=0.05, runs=10, min_time_s=0.05)
-    assert backend.measure(tiny_conv_model()) > 0
+    assert_times_the_work(backend, backend.measure(tiny_conv_model()))
     assert (tmp_path / "timing.cache").is_file()  # the shared timing cache was written
     key = backend.cache_key()
     assert key["backend"] == "trt" and key["library"].startswith("TensorRT ") and key["precision"] == precision
@@ -214,7 +226,7 @@ def test_ort_gpu_backends(name, provider):
         if "could not start" in str(exc):
             pytest.skip(str(exc))  # onnxruntime-gpu installed on a machine without a usable GPU
         raise
-    assert ms > 0
+    assert_times_the_work(backend, ms)
 
 
 # --- no GPU: one clear line and a non-zero exit --------------------------------------------------
@@ -337,7 +349,8 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
     from lmopt.latency import tensorrt as lt
 
     fake_trt("10.3.0")
-    calls = {"enqueue": 0, "malloc": 0, "free": 0, "addresses": {}}
+    calls = {"enqueue": 0, "malloc": 0, "free": 0, "addresses": {}, "streams": set(), "destroyed": 0,
+             "stream_freed": 0}
 
     class Context:
         def set_tensor_address(self, name, ptr):
@@ -346,6 +359,7 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
 
         def execute_async_v3(self, stream):
             calls["enqueue"] += 1
+            calls["streams"].add(stream)
             return calls["enqueue"] != 2  # the 2nd enqueue is the one under capture: fails
 
     engine = NS(num_io_tensors=2, get_tensor_name=["x", "y"].__getitem__,
@@ -355,7 +369,9 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
     wrapper = NS(malloc=lambda n: calls.__setitem__("malloc", calls["malloc"] + 1) or 4096 * calls["malloc"],
                  memcpy=lambda **kw: None, free=lambda p: calls.__setitem__("free", calls["free"] + 1))
     monkeypatch.setattr(poly_cuda, "wrapper", lambda: wrapper)
-    monkeypatch.setattr(poly_cuda, "Stream", lambda: NS(ptr=7, synchronize=lambda: None, free=lambda: None))
+    monkeypatch.setattr(poly_cuda, "Stream", lambda: NS(ptr=7, synchronize=lambda: None,
+                                                        free=lambda: calls.__setitem__("stream_freed", 1)))
+    monkeypatch.setattr(cudart, "lib", lambda: None)
 
     class Graph:
         def begin_capture(self, stream): pass
@@ -367,12 +383,13 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
         t = 0.0
 
         def record(self, stream):
+            assert stream == 7  # the events are on the stream TensorRT enqueues on
             Event.t += 0.5
             self.at = Event.t
 
         def synchronize(self): pass
         def elapsed_ms(self, start): return self.at - start.at
-        def destroy(self): pass
+        def destroy(self): calls["destroyed"] += 1
 
     monkeypatch.setattr(cudart, "Graph", Graph)
     monkeypatch.setattr(cudart, "Event", Event)
@@ -381,8 +398,9 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
     # one sample: 3 launches between one event pair (0.5 ms apart), plus one launch queued before the start event
     assert session.run_timed(3) == [pytest.approx(0.5 / 3)] and calls["enqueue"] == 2 + 1 + 3
     assert len(session.enqueue_ms) == 1
+    assert calls["streams"] == {7}
     session.close()
-    assert calls["free"] == 2
+    assert calls["free"] == 2 and calls["destroyed"] == 2 and calls["stream_freed"] == 1
 
 
 # --- TensorRT 11 and polygraphy ------------------------------------------------------------------
@@ -524,7 +542,7 @@ class SimulatedBackend:
         return Backend(warmup_s=0.0, runs=5, min_time_s=0.0)
 
 
-def test_measure_reports_enqueue_bound_blocks(capsys):
+def test_measure_reports_enqueue_bound_blocks(caplog):
     from lmopt.latency import profile_blocks
 
     def block(width):
@@ -535,10 +553,12 @@ def test_measure_reports_enqueue_bound_blocks(capsys):
     # enqueue-bound: the host rate (8 us a launch), not the GPU time (5 us), is what the events see
     assert backend.measure(block(5)) == pytest.approx(0.008, rel=0.05) and backend.last_enqueue_bound
     assert backend.enqueue_bound == 1
-    result = profile_blocks({"small": block(5), "big": block(20), "small2": block(4)}, backend, progress=False)
+    with caplog.at_level("WARNING", logger="lmopt"):
+        result = profile_blocks({"small": block(5), "big": block(20), "small2": block(4)}, backend, progress=False)
     assert result["big"] == pytest.approx(0.020)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "2 of 3 blocks timed on sim were enqueue-bound" in err[0]
+    (record,) = caplog.records
+    assert record.name == "lmopt.latency.profiler" and record.levelname == "WARNING"
+    assert "2 of 3 blocks timed on sim were enqueue-bound" in record.getMessage()
 
 
 # --- libcudart ------------------------------------------------------------------------------------
@@ -592,19 +612,186 @@ def test_cudart_without_any_runtime_still_raises(fresh_cudart, tmp_path, monkeyp
         fresh_cudart.lib()
 
 
-@pytest.mark.parametrize("symbol", ["cudaGetDeviceProperties_v2", "cudaGetDeviceProperties"])
-def test_device_name_with_either_properties_symbol(symbol, monkeypatch):
+class FakeLibrary:
+    """A shared library whose functions are ctypes callbacks with the prototypes lmopt declares for them:
+    every call is marshalled by ctypes exactly as a call into the real C library would be."""
+
+    def __init__(self, prototypes, **functions):
+        import ctypes
+
+        for name, function in functions.items():
+            setattr(self, name, ctypes.CFUNCTYPE(ctypes.c_int, *prototypes[name])(function))
+
+
+def fake_driver(name=b"NVIDIA Fake GPU", init_status=0):
     import ctypes
+
+    from lmopt.latency.cudart import DRIVER_PROTOTYPES
+
+    seen = {}
+
+    def get(device_p, ordinal):
+        device_p[0] = 100 + ordinal  # a CUdevice handle that differs from the ordinal
+        return 0
+
+    def get_name(buffer, length, device):
+        seen.update(length=length, device=device)
+        data = name[:length - 1] + b"\0"
+        ctypes.memmove(buffer, data, len(data))
+        return 0
+
+    return FakeLibrary(DRIVER_PROTOTYPES, cuInit=lambda flags: init_status, cuDeviceGet=get,
+                       cuDeviceGetName=get_name), seen
+
+
+def test_device_name_from_the_driver_with_the_buffer_length(monkeypatch):
+    from lmopt.latency import cudart
+
+    driver, seen = fake_driver()
+    monkeypatch.setattr(cudart, "driver_lib", lambda: driver)
+    assert cudart.device_name(1) == "NVIDIA Fake GPU"
+    assert seen == {"length": cudart.NAME_BYTES, "device": 101}  # told the buffer's size; the handle, not the ordinal
+    long_driver, _ = fake_driver(name=b"G" * 1000)
+    monkeypatch.setattr(cudart, "driver_lib", lambda: long_driver)
+    assert cudart.device_name() == "G" * (cudart.NAME_BYTES - 1)  # cut to the buffer, never past it
+
+
+def test_device_name_without_a_usable_driver(monkeypatch):
+    from lmopt.latency import cudart
+
+    failing, _ = fake_driver(init_status=100)  # CUDA_ERROR_NO_DEVICE
+    monkeypatch.setattr(cudart, "driver_lib", lambda: failing)
+    assert cudart.device_name() == cudart.UNKNOWN_DEVICE
+
+    def missing():
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(cudart, "driver_lib", missing)
+    assert cudart.device_name() == cudart.UNKNOWN_DEVICE
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    """A libcudart of ctypes callbacks: hands out 64-bit handles, logs every call with its arguments."""
+    from lmopt.latency import cudart
+
+    state = {"next": 0x7F00_0000_0000, "calls": [], "fail": {}}
+
+    def call(name, result=None):
+        def function(*args):
+            state["calls"].append((name, *args))
+            if result is not None:
+                result(*args)
+            return state["fail"].get(name, 0)
+        return function
+
+    def new_handle(pointer, *rest):
+        state["next"] += 0x10
+        pointer[0] = state["next"]
+
+    def elapsed(ms_p, start, end):
+        ms_p[0] = 2.5
+
+    names = [n for n in cudart.RUNTIME_PROTOTYPES
+             if n not in ("cudaEventCreate", "cudaStreamEndCapture", "cudaGraphInstantiateWithFlags",
+                          "cudaEventElapsedTime")]
+    library = FakeLibrary(
+        cudart.RUNTIME_PROTOTYPES, **{n: call(n) for n in names},
+        cudaEventCreate=call("cudaEventCreate", new_handle),
+        cudaStreamEndCapture=call("cudaStreamEndCapture", lambda stream, graph_p: new_handle(graph_p)),
+        cudaGraphInstantiateWithFlags=call("cudaGraphInstantiateWithFlags", new_handle),
+        cudaEventElapsedTime=call("cudaEventElapsedTime", elapsed))
+    monkeypatch.setattr(cudart, "lib", lambda: library)
+    return state
+
+
+STREAM = 0x7FFF_DEAD_BEE0  # above 2**32: a handle must reach the library whole
+
+
+def test_cudart_events_through_declared_prototypes(fake_runtime):
+    from lmopt.latency import cudart
+
+    start, end = cudart.Event(), cudart.Event()
+    start.record(STREAM)
+    end.record(STREAM)
+    end.synchronize()
+    assert end.elapsed_ms(start) == 2.5
+    first, second = start.ptr.value, end.ptr.value
+    assert first != second and first > 2 ** 32
+    assert fake_runtime["calls"][2:] == [("cudaEventRecord", first, STREAM), ("cudaEventRecord", second, STREAM),
+                                         ("cudaEventSynchronize", second),
+                                         ("cudaEventElapsedTime", fake_runtime["calls"][-1][1], first, second)]
+    start.destroy()
+    start.destroy()  # once only
+    assert [c for c in fake_runtime["calls"] if c[0] == "cudaEventDestroy"] == [("cudaEventDestroy", first)]
+    fake_runtime["fail"]["cudaEventRecord"] = 400  # cudaErrorInvalidResourceHandle
+    with pytest.raises(RuntimeError, match="cudaEventRecord failed with CUDA error 400"):
+        end.record(STREAM)
+
+
+@pytest.mark.parametrize("enqueued", [True, False])
+def test_cudart_graph_capture(fake_runtime, enqueued):
+    from lmopt.latency import cudart
+
+    graph = cudart.Graph()
+    graph.begin_capture(STREAM)
+    captured = graph.end_capture(STREAM, ok=enqueued)
+    calls = fake_runtime["calls"]
+    assert calls[0] == ("cudaStreamBeginCapture", STREAM, cudart.CAPTURE_MODE_THREAD_LOCAL)
+    assert calls[1][:2] == ("cudaStreamEndCapture", STREAM)
+    captured_graph = fake_runtime["next"] if not enqueued else fake_runtime["next"] - 0x10
+    names = [c[0] for c in calls]
+    assert ("cudaGraphDestroy", captured_graph) in calls  # the graph goes once instantiated (or refused)
+    if enqueued:
+        assert captured and graph.exec.value == fake_runtime["next"]
+        instantiate = next(c for c in calls if c[0] == "cudaGraphInstantiateWithFlags")
+        assert instantiate[2:] == (captured_graph, 0)
+        assert "cudaGetLastError" not in names
+        graph.launch(STREAM)
+        assert calls[-1] == ("cudaGraphLaunch", graph.exec.value, STREAM)
+    else:  # the enqueue under capture failed: nothing instantiated, the runtime's last error read
+        assert not captured and not graph.exec
+        assert "cudaGraphInstantiateWithFlags" not in names and names[-1] == "cudaGetLastError"
+
+
+def test_timed_stream_records_on_its_stream_and_releases_everything(fake_runtime, monkeypatch):
     from types import SimpleNamespace as NS
+
+    import polygraphy.cuda as poly_cuda
 
     from lmopt.latency import cudart
 
-    def get_properties(buffer, device):
-        ctypes.memmove(buffer, b"NVIDIA Fake GPU\0", 16)
+    freed = []
+    monkeypatch.setattr(poly_cuda, "Stream", lambda: NS(ptr=STREAM, synchronize=lambda: None,
+                                                        free=lambda: freed.append(STREAM)))
+    timer = cudart.TimedStream()
+    start, end = (event.ptr.value for event in timer.events)
+    timer.record(False)
+    timer.record(True)
+    assert timer.elapsed_ms() == 2.5
+    assert ("cudaEventRecord", start, STREAM) in fake_runtime["calls"]
+    assert ("cudaEventRecord", end, STREAM) in fake_runtime["calls"]
+    timer.close()
+    assert freed == [STREAM] and timer.events == ()
+    destroyed = [c[1] for c in fake_runtime["calls"] if c[0] == "cudaEventDestroy"]
+    assert destroyed == [start, end]
+
+    fake_runtime["calls"].clear()
+    created = []
+
+    def one_event_only(pointer):  # the second cudaEventCreate fails: the first event and the stream go
+        if created:
+            return 2  # cudaErrorMemoryAllocation
+        created.append(1)
+        pointer[0] = 0x1234_5678_9A
         return 0
 
-    monkeypatch.setattr(cudart, "lib", lambda: NS(**{symbol: get_properties}))  # a library exporting only one
-    assert cudart.device_name() == "NVIDIA Fake GPU"
+    monkeypatch.setattr(cudart, "lib", lambda: FakeLibrary(
+        cudart.RUNTIME_PROTOTYPES, cudaEventCreate=one_event_only,
+        cudaEventDestroy=lambda event: fake_runtime["calls"].append(("cudaEventDestroy", event)) or 0))
+    with pytest.raises(RuntimeError, match="cudaEventCreate"):
+        cudart.TimedStream()
+    assert fake_runtime["calls"] == [("cudaEventDestroy", 0x1234_5678_9A)] and freed == [STREAM, STREAM]
 
 
 # --- onnxruntime-gpu options and the TF32 policy -----------------------------------------------------

@@ -9,8 +9,10 @@ Backends implement `_open(model) -> Session`; `measure` and `measure_interleaved
 on it here. GPU sessions time with CUDA events (EventTimedSession): many launches between one
 pair of events, divided, so the GPU is never idle inside a sample; the host's enqueue time is
 measured too, and a block whose enqueue takes most of its GPU time is flagged (trtexec's
-"Throughput may be bound by Enqueue Time" check). Heavy libraries (torch, tensorrt) are imported
-only inside the backend modules, and those modules are imported only when the backend is asked for.
+"Throughput may be bound by Enqueue Time" check). The events come from the session's timer:
+cudart.TimedStream for trt and onnxruntime-gpu, torch's CUDA events for torch-cuda.
+Heavy libraries (torch, tensorrt) are imported only inside the backend modules, and those
+modules are imported only when the backend is asked for.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ import os
 import platform
 import statistics
 import time
+from typing import Protocol
 
 import onnx
 
 from ..errors import LmoptError, one_line
-from ..onnxio import graph_inputs, static_shape  # noqa: F401  (re-exported for backends)
 
 PRECISIONS = ("fp32", "fp16")
 # trtexec's kENQUEUE_BOUND_REPORTING_THRESHOLD: enqueue-bound when median enqueue time > 0.8 x median GPU time.
@@ -59,6 +61,16 @@ class Session(abc.ABC):
         """Release what the session holds (GPU buffers, engines)."""
 
 
+class EventTimer(Protocol):
+    """A start and an end event on the stream a session launches on."""
+
+    def record(self, end: bool) -> None:
+        """Record the start (end=False) or the end event."""
+
+    def elapsed_ms(self) -> float:
+        """Wait for the end event; milliseconds between the start and end events."""
+
+
 class EventTimedSession(Session):
     """A GPU session timed with one pair of CUDA events around many launches.
 
@@ -66,22 +78,22 @@ class EventTimedSession(Session):
     then `count` launches are queued and timed by the host clock (enqueue time), then the end event.
     (end - start) / count is the GPU time of one launch, free of the host's gaps as long as the
     host queues launches faster than the GPU runs them; enqueue_ms tells when it does not.
+    Subclasses queue launches (_launch) and set `timer`.
     """
 
     batch = 10
     clock = staticmethod(time.perf_counter)
+    timer: EventTimer
 
     @abc.abstractmethod
     def _launch(self) -> None:
         """Queue one inference on the session's stream."""
 
-    @abc.abstractmethod
     def _record(self, end: bool) -> None:
-        """Record the start (end=False) or end event on the session's stream."""
+        self.timer.record(end)
 
-    @abc.abstractmethod
     def _elapsed_ms(self) -> float:
-        """Wait for the end event; milliseconds between the start and end events."""
+        return self.timer.elapsed_ms()
 
     def run_timed(self, count: int) -> list[float]:
         if self.enqueue_ms is None:
@@ -156,7 +168,7 @@ class LatencyBackend(abc.ABC):
         """Prepare `model` (static shapes) for timing."""
 
     # --- timing, shared by all backends --------------------------------------------------------
-    def _base_key(self, device: str, library: str, **extra) -> dict:
+    def _base_key(self, device: str, library: str, **extra: object) -> dict:
         key = {"backend": self.name, "device": device, "library": library, "precision": self.precision}
         if self.batch is not None:
             key["batch"] = int(self.batch)
@@ -228,6 +240,7 @@ class LatencyBackend(abc.ABC):
 # --- helpers for backends ---------------------------------------------------------------------
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of `model`, for the backends that must not change the caller's."""
     clone = onnx.ModelProto()
     clone.CopyFrom(model)
     return clone
@@ -279,6 +292,7 @@ def physical_cores() -> int:
 # --- registry --------------------------------------------------------------------------------
 
 def backend_class(name: str) -> type[LatencyBackend]:
+    """The backend class registered as `name` (its module imported now); LmoptError for an unknown name."""
     if name not in BACKENDS:
         raise LmoptError(f"unknown latency backend {name!r} (choose from: {', '.join(BACKENDS)})")
     module_name, _, class_name = BACKENDS[name].partition(":")
@@ -293,7 +307,7 @@ def default_backend_name() -> str:
     return "ort-cpu"
 
 
-def get_backend(name: str | None = None, **options) -> LatencyBackend:
+def get_backend(name: str | None = None, **options: object) -> LatencyBackend:
     """The backend `name` (default: default_backend_name()) built with `options`.
 
     LmoptError (one line) for an unknown name or a backend that cannot run on this machine.

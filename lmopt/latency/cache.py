@@ -12,16 +12,23 @@ Several processes may share the file: sqlite locks it, and writers wait up to `t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LmoptError, one_line
 
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11; lmopt supports 3.10
+
+logger = logging.getLogger(__name__)
+
 
 def default_cache_dir() -> Path:
+    """$LMOPT_CACHE_DIR, else $XDG_CACHE_HOME/lmopt, else ~/.cache/lmopt."""
     if os.environ.get("LMOPT_CACHE_DIR"):
         return Path(os.environ["LMOPT_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -29,6 +36,7 @@ def default_cache_dir() -> Path:
 
 
 def default_cache_path() -> Path:
+    """The latency cache file in default_cache_dir()."""
     return default_cache_dir() / "latency.sqlite"
 
 
@@ -45,7 +53,7 @@ def key_text(cache_key: dict) -> str:
 class LatencyCache:
     """Persistent (signature, backend key) -> ms store. Use as a context manager or call close()."""
 
-    def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0):
+    def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0) -> None:
         self.path = Path(path) if path is not None else default_cache_path()
         self._db = None
         try:
@@ -58,8 +66,8 @@ class LatencyCache:
                     raise  # someone else's file: refused below, never moved
                 aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.path, aside)
-                print(f"lmopt: the latency cache {self.path} was damaged ({one_line(exc)}); moved it to "
-                      f"{aside} and started a new one", file=sys.stderr)
+                logger.warning("the latency cache %s was damaged (%s); moved it to %s and started a new one",
+                               self.path, one_line(exc), aside)
                 self._open(timeout)
         except sqlite3.DatabaseError as exc:
             raise LmoptError(f"{self.path}: not a usable latency cache ({exc}); delete it or set "
@@ -111,6 +119,7 @@ class LatencyCache:
         return None if row is None else str(row[0])
 
     def put_signature(self, key: str, signature: str) -> None:
+        """Store a candidate block's structural signature, committed at once."""
         self._db.execute("INSERT OR REPLACE INTO block_signatures (key, signature, created) VALUES (?, ?, ?)",
                          (key, signature, time.time()))
 
@@ -130,8 +139,8 @@ class LatencyCache:
             self._db.close()
             self._db = None
 
-    def __enter__(self) -> "LatencyCache":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

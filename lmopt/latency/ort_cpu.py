@@ -6,17 +6,21 @@ sequential execution, so repeated runs are comparable; wall time of session.run 
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import numpy as np
 import onnx
 
-from ..errors import LmoptError
-from ..onnxio import runtime_compatible
+from ..errors import LmoptError, one_line
 from ..inputs import random_feeds
-from .base import LatencyBackend, Session, copy_model, cpu_name, one_line, physical_cores
+from ..onnxio import runtime_compatible
+from .base import LatencyBackend, Session, copy_model, cpu_name, physical_cores
 
 
 class _OrtSession(Session):
-    def __init__(self, session, feeds):
+    """An onnxruntime CPU session and its feeds; each run timed by the host clock."""
+
+    def __init__(self, session: Any, feeds: dict[str, np.ndarray]):
         self.session = session
         self.feeds = feeds
         self.outputs = [o.name for o in session.get_outputs()]
@@ -31,7 +35,8 @@ class _OrtSession(Session):
         return times
 
 
-def session_options(threads: int):
+def session_options(threads: int) -> Any:
+    """onnxruntime.SessionOptions for timing: `threads` intra-op threads, sequential, all optimisations."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -57,7 +62,7 @@ class OrtCpuBackend(LatencyBackend):
 
     name = "ort-cpu"
 
-    def __init__(self, threads: int | None = None, **options):
+    def __init__(self, threads: int | None = None, **options: Any):
         super().__init__(**options)
         if self.precision != "fp32":
             raise LmoptError("the ort-cpu backend times fp32 only (onnxruntime's CPU kernels are fp32)")
@@ -85,6 +90,7 @@ class OrtCpuBackend(LatencyBackend):
         try:
             session = ort.InferenceSession(ort_bytes(model), session_options(self.threads),
                                            providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
+        # onnxruntime's errors (Fail, InvalidGraph, InvalidArgument, ...) derive from Exception only.
+        except Exception as exc:  # noqa: BLE001
             raise LmoptError(f"onnxruntime cannot load the model: {one_line(exc)[:300]}") from None
         return _OrtSession(session, feeds)

@@ -22,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 
-from ..errors import LmoptError
-from ..onnxio import input_dtype, static_shape
+from ..errors import LmoptError, one_line
 from ..inputs import random_feeds
-from .base import EventTimedSession, LatencyBackend, Session, one_line
+from ..onnxio import input_dtype, static_shape
+from . import cudart
+from .base import EventTimedSession, LatencyBackend, Session
 from .cache import default_cache_dir, key_text
 from .fp16 import convert_to_fp16
 from .ort_cpu import ort_bytes
@@ -57,12 +60,13 @@ def output_specs(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...], typ
 
 
 class _IoBindingSession(EventTimedSession):
-    def __init__(self, session, feeds, precision_np, outputs, stream):
+    """An onnxruntime session bound to GPU buffers, run on the timer's stream."""
+
+    def __init__(self, session: Any, feeds: dict[str, np.ndarray], precision_np: type | None,
+                 outputs: list[tuple[str, tuple[int, ...], type]] | None, timer: cudart.TimedStream):
         import onnxruntime as ort
 
-        from . import cudart
-
-        self.session, self.stream = session, stream
+        self.session, self.timer = session, timer
         self.binding = session.io_binding()
         self._keep = []
         for name, array in feeds.items():
@@ -82,32 +86,20 @@ class _IoBindingSession(EventTimedSession):
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         session.run_with_iobinding(self.binding, self.run_options)  # allocates; captures the CUDA graph
-        stream.synchronize()
-        self._events = (cudart.Event(), cudart.Event())
+        timer.synchronize()
 
     def _launch(self) -> None:
         self.session.run_with_iobinding(self.binding, self.run_options)
 
-    def _record(self, end: bool) -> None:
-        self._events[end].record(self.stream.ptr)
-
-    def _elapsed_ms(self) -> float:
-        start, end = self._events
-        end.synchronize()
-        return end.elapsed_ms(start)
-
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stream.synchronize()
-        for event in self._events:
-            event.destroy()
-        self._events = ()
+        if self.timer is None:
+            return
+        with contextlib.suppress(Exception):  # a CUDA error is already on its way up
+            self.timer.synchronize()
         self.binding = self.session = None  # the session goes before the stream it runs on
         self._keep = []
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.free()
+        self.timer.close()
+        self.timer = None
 
 
 class _OrtGpuBackend(LatencyBackend):
@@ -115,7 +107,7 @@ class _OrtGpuBackend(LatencyBackend):
     uses_tf32 = True
     use_cuda_graph = False
 
-    def __init__(self, threads: int = 1, **options):
+    def __init__(self, threads: int = 1, **options: Any):
         super().__init__(**options)
         self.threads = threads
 
@@ -123,18 +115,10 @@ class _OrtGpuBackend(LatencyBackend):
     def available(cls) -> str | None:
         return _provider_status(cls.provider)
 
-    def _device(self) -> str:
-        try:
-            from . import cudart
-
-            return cudart.device_name()
-        except Exception:
-            return "NVIDIA GPU"
-
     def cache_key(self) -> dict:
         import onnxruntime as ort
 
-        return self._base_key(self._device(), f"onnxruntime-gpu {ort.__version__} {self.provider}")
+        return self._base_key(cudart.device_name(), f"onnxruntime-gpu {ort.__version__} {self.provider}")
 
     def _provider_options(self, model: onnx.ModelProto, stream_ptr: int, cuda_graph: bool) -> dict:
         """The execution provider's options for timing `model` on the stream `stream_ptr`."""
@@ -144,8 +128,6 @@ class _OrtGpuBackend(LatencyBackend):
         return model
 
     def _open(self, model: onnx.ModelProto) -> Session:
-        import numpy as np
-
         feeds = random_feeds(model, 1)[0]
         prepared = self._prepare(model)
         half = np.float16 if self.precision == "fp16" and prepared is not model else None
@@ -158,17 +140,16 @@ class _OrtGpuBackend(LatencyBackend):
                 raise
         return self._bound(prepared, feeds, half, outputs, False)  # onnxruntime could not graph this block
 
-    def _bound(self, model: onnx.ModelProto, feeds: dict, half, outputs, graph: bool) -> Session:
+    def _bound(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], half: type | None,
+               outputs: list[tuple[str, tuple[int, ...], type]] | None, graph: bool) -> Session:
         import onnxruntime as ort
-        from polygraphy import cuda
 
-        from . import cudart
         from .ort_cpu import session_options
 
-        cudart.lib()  # finds the wheel's libcudart for polygraphy when it cannot
-        stream = cuda.Stream()
+        timer = cudart.TimedStream()
+        session = None
         try:
-            options = self._provider_options(model, stream.ptr, graph)
+            options = self._provider_options(model, timer.ptr, graph)
             session = ort.InferenceSession(ort_bytes(model), session_options(self.threads),
                                            providers=[(self.provider, options)])
             if session.get_providers()[0] != self.provider:  # onnxruntime falls back to the CPU silently
@@ -178,10 +159,10 @@ class _OrtGpuBackend(LatencyBackend):
             if str(taken) != options["user_compute_stream"]:
                 raise LmoptError(f"onnxruntime {ort.__version__} ({self.provider}) did not take lmopt's CUDA stream "
                                  "(user_compute_stream), so its runs cannot be timed: pip install -U onnxruntime-gpu")
-            return _IoBindingSession(session, feeds, half, outputs, stream)
+            return _IoBindingSession(session, feeds, half, outputs, timer)
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                stream.free()
+            session = None  # the session goes before the stream it runs on
+            timer.close()
             if isinstance(exc, Exception) and not isinstance(exc, LmoptError):
                 raise LmoptError(f"onnxruntime ({self.provider}) cannot run the model: {one_line(exc)[:300]}") from None
             raise
@@ -193,7 +174,7 @@ class OrtCudaBackend(_OrtGpuBackend):
     name = "ort-cuda"
     provider = "CUDAExecutionProvider"
 
-    def __init__(self, use_cuda_graph: bool = True, **options):
+    def __init__(self, use_cuda_graph: bool = True, **options: Any):
         super().__init__(**options)
         self.use_cuda_graph = use_cuda_graph
 
@@ -208,7 +189,7 @@ class OrtCudaBackend(_OrtGpuBackend):
             "enable_cuda_graph": "1" if cuda_graph else "0",
         }
 
-    def _prepare(self, model):
+    def _prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return convert_to_fp16(model) if self.precision == "fp16" else model
 
 
@@ -218,7 +199,7 @@ class OrtTensorrtBackend(_OrtGpuBackend):
     name = "ort-trt"
     provider = "TensorrtExecutionProvider"
 
-    def __init__(self, **options):
+    def __init__(self, **options: Any):
         super().__init__(**options)
         if not self.tf32:
             raise LmoptError("ort-trt cannot turn TF32 off (the TensorRT execution provider has no option for it): "

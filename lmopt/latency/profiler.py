@@ -7,8 +7,8 @@ separate steps.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import onnx
@@ -18,6 +18,8 @@ from ..onnxio import atomic_write_text
 from .base import ENQUEUE_BOUND_RATIO, LatencyBackend
 from .cache import LatencyCache
 from .signature import model_fingerprint, structural_signature
+
+logger = logging.getLogger(__name__)
 
 TABLE_FORMAT = "lmopt-latency-table"
 TABLE_VERSION = 1
@@ -32,7 +34,7 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
     `cache`, signatures already stored for this backend's cache_key() are not re-timed, and
     each new measurement is committed as soon as it is taken (Ctrl-C loses nothing timed).
     cache=None times without persistence. `signatures`, if given, is filled with block -> signature.
-    Blocks whose timing was enqueue-bound (see base.enqueue_bound) are reported in one line on stderr.
+    Blocks whose timing was enqueue-bound (see base.enqueue_bound) are counted in one logged warning.
     """
     from ..progress import stage
 
@@ -63,9 +65,9 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
                 cache.put(sig, key, ms)
             bar.update(1)
     if bound:
-        print(f"lmopt: {bound} of {len(todo)} blocks timed on {backend.name} were enqueue-bound (the host's "
-              f"enqueue time was over {ENQUEUE_BOUND_RATIO:g}x the GPU time): their latencies may include GPU "
-              "idle time", file=sys.stderr)
+        logger.warning("%d of %d blocks timed on %s were enqueue-bound (the host's enqueue time was over %gx "
+                       "the GPU time): their latencies may include GPU idle time",
+                       bound, len(todo), backend.name, ENQUEUE_BOUND_RATIO)
     return {name: ms_of[sig] for name, sig in sig_of.items()}
 
 

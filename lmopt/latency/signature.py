@@ -21,7 +21,7 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
                 onnx.TensorProto.BFLOAT16}
 
 
-def _dims(type_proto: onnx.TypeProto) -> list:
+def _dims(type_proto: onnx.TypeProto) -> list | None:
     if not type_proto.tensor_type.HasField("shape"):
         return None
     return [d.dim_value if d.HasField("dim_value") else "?" for d in type_proto.tensor_type.shape.dim]
@@ -39,7 +39,7 @@ class _Walker:
     def __init__(self, with_values: bool):
         self.with_values = with_values
 
-    def attribute(self, attr: onnx.AttributeProto):
+    def attribute(self, attr: onnx.AttributeProto) -> object:
         A = onnx.AttributeProto
         if attr.type == A.FLOAT:
             return attr.f

@@ -30,14 +30,17 @@ import contextlib
 import functools
 import importlib.util
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
-from ..errors import LmoptError
+from ..errors import LmoptError, one_line
+from ..onnxio import graph_inputs, static_shape
 from . import cudart
-from .base import EventTimedSession, LatencyBackend, Session, graph_inputs, one_line, static_shape
+from .base import EventTimedSession, LatencyBackend, Session
 from .cache import default_cache_dir
 from .fp16 import convert_to_fp16
 
@@ -68,30 +71,36 @@ def trt_status() -> str | None:
     try:
         import tensorrt as trt
 
-        trt.__version__
-    except Exception as exc:  # the PyPI stub raises at import when its real wheel was never fetched
+        version = trt.__version__
+    # The PyPI stub raises at import when its real wheel was never fetched, with whatever error its
+    # build step hit: any exception means "not usable", and its first line says why.
+    except Exception as exc:  # noqa: BLE001
         return f"TensorRT could not be imported ({one_line(exc)[:200]}): {INSTALL_HINT}"
     import polygraphy
 
-    reason = polygraphy_status(trt.__version__, polygraphy.__version__)
+    reason = polygraphy_status(version, polygraphy.__version__)
     if reason is not None:
         return reason
     try:
         count = cudart.device_count()
-    except Exception as exc:
-        return f"no CUDA runtime (libcudart) could be loaded ({one_line(exc)[:200]}): TensorRT needs an NVIDIA GPU and driver"
+    # An availability check must answer, not raise: no libcudart (OSError), polygraphy's own error
+    # (PolygraphyException on Windows), a runtime without the symbol all mean TensorRT cannot run here.
+    except Exception as exc:  # noqa: BLE001
+        return (f"no CUDA runtime (libcudart) could be loaded ({one_line(exc)[:200]}): "
+                "TensorRT needs an NVIDIA GPU and driver")
     if count == 0:
         return "TensorRT is installed but no NVIDIA GPU is visible (cudaGetDeviceCount found none)"
     return None
 
 
-def _trt():
+def _trt() -> Any:
     import tensorrt as trt
 
     return trt
 
 
 def trt_version() -> str:
+    """The installed TensorRT's version string."""
     return _trt().__version__
 
 
@@ -101,7 +110,7 @@ def has_precision_flags() -> bool:
 
 
 @contextlib.contextmanager
-def polygraphy_errors(what: str):
+def polygraphy_errors(what: str) -> Iterator[None]:
     """Turn polygraphy's exceptions (G_LOGGER.critical raises PolygraphyException) into one-line LmoptErrors."""
     from polygraphy.exception import PolygraphyException
 
@@ -114,17 +123,12 @@ def polygraphy_errors(what: str):
 def set_polygraphy_severity(level: str) -> None:
     from polygraphy.logger import G_LOGGER
 
-    value = getattr(G_LOGGER, level)
-    try:
-        G_LOGGER.module_severity = value  # polygraphy >= 0.40
-    except Exception:
-        G_LOGGER.severity = value
+    G_LOGGER.module_severity = getattr(G_LOGGER, level)  # polygraphy >= 0.40; lmopt needs >= 0.49
 
 
 def default_timing_cache() -> Path:
-    from .cudart import device_name
-
-    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{device_name()}-trt{trt_version()}").strip("-")
+    """The timing cache file of this GPU and TensorRT version, in lmopt's cache folder."""
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{cudart.device_name()}-trt{trt_version()}").strip("-")
     return default_cache_dir() / f"trt-timing-{tag}.cache"
 
 
@@ -198,7 +202,7 @@ _NP_OF_TRT = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64
               "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
 
 
-def _np_dtype(trt_dtype):
+def _np_dtype(trt_dtype: Any) -> type:
     name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
     if name not in _NP_OF_TRT:
         raise LmoptError(f"TensorRT I/O tensor type {name} is not supported by lmopt's timing")
@@ -209,14 +213,13 @@ class EngineSession(EventTimedSession):
     """A deserialized engine with device buffers bound, timed with CUDA events (CUDA graph when possible)."""
 
     def __init__(self, engine_bytes: bytes, seed: int = 0, use_cuda_graph: bool = True):
-        trt = _trt()
         from polygraphy import cuda
         from polygraphy.backend.trt import EngineFromBytes
 
         self._cuda = cuda.wrapper()
         self._buffers: list[int] = []
-        self._events: tuple = ()
-        self.graph = None
+        self.graph: cudart.Graph | None = None
+        self.timer: cudart.TimedStream | None = None
         with polygraphy_errors("TensorRT could not load the engine"):
             self.engine = EngineFromBytes(engine_bytes)()
         # ICudaEngine.create_execution_context(); tensors by name: num_io_tensors, get_tensor_name(i),
@@ -224,90 +227,87 @@ class EngineSession(EventTimedSession):
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise LmoptError("TensorRT could not create an execution context (out of GPU memory?)")
-        self.stream = cuda.Stream()
-        rng = np.random.default_rng(seed)
         try:
-            self._events = (cudart.Event(), cudart.Event())
-            for i in range(self.engine.num_io_tensors):
-                name = self.engine.get_tensor_name(i)
-                shape = tuple(self.engine.get_tensor_shape(name))
-                if any(d < 0 for d in shape):
-                    raise LmoptError(f"engine tensor {name!r} has a dynamic shape {shape}: fix the input shapes")
-                dtype = np.dtype(_np_dtype(self.engine.get_tensor_dtype(name)))
-                nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
-                ptr = self._cuda.malloc(nbytes)
-                self._buffers.append(ptr)
-                if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                    if np.issubdtype(dtype, np.floating):
-                        host = rng.standard_normal(shape).astype(dtype)
-                    else:
-                        host = np.zeros(shape, dtype=dtype)
-                    host = np.ascontiguousarray(host)
-                    self._cuda.memcpy(dst=ptr, src=host.ctypes.data, nbytes=host.nbytes,
-                                      kind=cuda.MemcpyKind.HostToDevice)
-                # IExecutionContext.set_tensor_address(name, memory: int) -> bool
-                if not self.context.set_tensor_address(name, ptr):
-                    raise LmoptError(f"TensorRT refused the buffer for tensor {name!r}")
+            self.timer = cudart.TimedStream()
+            self._bind_buffers(np.random.default_rng(seed))
             # Enqueue once outside any capture, so lazy initialisation is not captured (trtexec does the same).
             self._enqueue()
-            self.stream.synchronize()
-            self.launch = self._enqueue
+            self.timer.synchronize()
+            self.launch: Callable[[], None] = self._enqueue
             if use_cuda_graph:
                 self._capture()
         except BaseException:
             self.close()
             raise
 
+    def _bind_buffers(self, rng: np.random.Generator) -> None:
+        """One device buffer per I/O tensor; inputs filled with random values (floats) or zeros."""
+        trt = _trt()
+        from polygraphy import cuda
+
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            shape = tuple(self.engine.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise LmoptError(f"engine tensor {name!r} has a dynamic shape {shape}: fix the input shapes")
+            dtype = np.dtype(_np_dtype(self.engine.get_tensor_dtype(name)))
+            nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            ptr = self._cuda.malloc(nbytes)
+            self._buffers.append(ptr)
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                if np.issubdtype(dtype, np.floating):
+                    host = rng.standard_normal(shape).astype(dtype)
+                else:
+                    host = np.zeros(shape, dtype=dtype)
+                host = np.ascontiguousarray(host)
+                self._cuda.memcpy(dst=ptr, src=host.ctypes.data, nbytes=host.nbytes,
+                                  kind=cuda.MemcpyKind.HostToDevice)
+            # IExecutionContext.set_tensor_address(name, memory: int) -> bool
+            if not self.context.set_tensor_address(name, ptr):
+                raise LmoptError(f"TensorRT refused the buffer for tensor {name!r}")
+
     def _enqueue(self) -> None:
         # IExecutionContext.execute_async_v3(stream_handle: int) -> bool, the Python binding of enqueueV3.
-        if not self.context.execute_async_v3(self.stream.ptr):
+        if not self.context.execute_async_v3(self.timer.ptr):
             raise LmoptError("TensorRT execute_async_v3 failed (see TensorRT's log above)")
 
     def _capture(self) -> None:
         graph = cudart.Graph()
+        stream = self.timer.ptr
         try:
-            graph.begin_capture(self.stream.ptr)
+            graph.begin_capture(stream)
         except RuntimeError:
             return
         try:
-            ok = bool(self.context.execute_async_v3(self.stream.ptr))
-        except Exception:
+            ok = bool(self.context.execute_async_v3(stream))
+        # Whatever TensorRT raises while capturing, the capture must still be ended (end_capture
+        # below), and the engine is then timed without a graph.
+        except Exception:  # noqa: BLE001
             ok = False
-        if graph.end_capture(self.stream.ptr, ok):
+        if graph.end_capture(stream, ok):
             self.graph = graph
-            self.launch = lambda: graph.launch(self.stream.ptr)
+            self.launch = lambda: graph.launch(stream)
         # else: the engine holds work CUDA graphs cannot capture; plain enqueues (trtexec warns and does the same)
 
     def _launch(self) -> None:
         self.launch()
 
-    def _record(self, end: bool) -> None:
-        self._events[end].record(self.stream.ptr)
-
-    def _elapsed_ms(self) -> float:
-        start, end = self._events
-        end.synchronize()
-        return end.elapsed_ms(start)
-
     def close(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            with contextlib.suppress(Exception):  # a CUDA error is already on its way up
+                timer.synchronize()
         if self.graph is not None:
             self.graph.destroy()
             self.graph = None
-        with contextlib.suppress(Exception):
-            self.stream.synchronize()
-        for event in self._events:
-            event.destroy()
-        self._events = ()
         for ptr in self._buffers:
             with contextlib.suppress(Exception):
                 self._cuda.free(ptr)
         self._buffers = []
         self.context = None
         self.engine = None
-        stream, self.stream = getattr(self, "stream", None), None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.free()
+        if timer is not None:
+            timer.close()
 
 
 class TensorrtBackend(LatencyBackend):
@@ -317,7 +317,7 @@ class TensorrtBackend(LatencyBackend):
     uses_tf32 = True
 
     def __init__(self, timing_cache: str | Path | None = None, workspace_mib: int | None = None,
-                 use_cuda_graph: bool = True, quiet: bool = True, **options):
+                 use_cuda_graph: bool = True, quiet: bool = True, **options: Any):
         super().__init__(**options)
         self.timing_cache = Path(timing_cache) if timing_cache else default_timing_cache()
         self.workspace_mib = workspace_mib

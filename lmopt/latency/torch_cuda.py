@@ -14,12 +14,14 @@ the policy the TensorRT backend applies too; torch's own defaults differ (matmul
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
+import numpy as np
 import onnx
 
-from ..errors import LmoptError
+from ..errors import LmoptError, one_line
 from ..inputs import random_feeds
-from .base import EventTimedSession, LatencyBackend, Session, one_line
+from .base import EventTimedSession, LatencyBackend, Session
 
 
 def torch_status() -> str | None:
@@ -33,9 +35,25 @@ def torch_status() -> str | None:
     return None
 
 
+class _TorchEvents:
+    """A start and an end CUDA event on torch's current stream (base.EventTimer)."""
+
+    def __init__(self, torch: Any):
+        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+
+    def record(self, end: bool) -> None:
+        self.events[end].record()
+
+    def elapsed_ms(self) -> float:
+        start, end = self.events
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
 class _TorchSession(EventTimedSession):
+    """A translated block on the GPU: CUDA graph replay where capture works, else eager runs."""
+
     def __init__(self, model: onnx.ModelProto, precision: str, use_cuda_graph: bool):
-        import numpy as np
         import torch
 
         from .torch_translate import translate
@@ -53,7 +71,7 @@ class _TorchSession(EventTimedSession):
             module = module.half()
         self.module, self.inputs = module, inputs
         self.graph = None
-        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self.timer = _TorchEvents(torch)
         with torch.no_grad():
             self._eager()  # first run: cudnn.benchmark's algorithm search
             torch.cuda.synchronize()
@@ -61,7 +79,7 @@ class _TorchSession(EventTimedSession):
                 self._capture()
         self.run = self.graph.replay if self.graph is not None else self._eager
 
-    def _eager(self):
+    def _eager(self) -> Any:
         with self.torch.no_grad():
             return self.module(*self.inputs)
 
@@ -78,21 +96,15 @@ class _TorchSession(EventTimedSession):
         try:
             with torch.cuda.graph(graph):
                 self._static_out = self.module(*self.inputs)
-        except Exception:  # an op that cannot be captured: time eagerly
+        # Any failure to capture (an op CUDA graphs cannot hold, a capture-unsafe call) means this
+        # block is timed eagerly instead; torch has already ended the capture on the way out.
+        except Exception:  # noqa: BLE001
             torch.cuda.synchronize()
             return
         self.graph = graph
 
     def _launch(self) -> None:
         self.run()  # graph replay, or _eager (under no_grad)
-
-    def _record(self, end: bool) -> None:
-        self._events[end].record()
-
-    def _elapsed_ms(self) -> float:
-        start, end = self._events
-        end.synchronize()
-        return start.elapsed_time(end)
 
     def close(self) -> None:
         self.graph = None
@@ -107,7 +119,7 @@ class TorchCudaBackend(LatencyBackend):
     name = "torch-cuda"
     uses_tf32 = True
 
-    def __init__(self, use_cuda_graph: bool = True, **options):
+    def __init__(self, use_cuda_graph: bool = True, **options: Any):
         super().__init__(**options)
         self.use_cuda_graph = use_cuda_graph
         self._set_flags()
