@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from image_data import write_sets  # noqa: E402
+
 from models.efficientnet_lite import NAMES, image_size, save  # noqa: E402
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite's preprocessing: (x - 127) / 128
@@ -89,8 +90,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
-    from lmopt.optimizer import Study
     from lmopt.metrics import compare
+    from lmopt.optimizer import Study
     from lmopt.runtime import run_outputs
 
     model_path = out / f"{name}.onnx"
@@ -100,7 +101,8 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
     started = time.perf_counter()
     study = Study(str(model_path), calib=str(calib_path), eval_data=str(eval_path), calib_count=args.calib_count,
                   eval_count=args.eval_count, progress=False, backend_options={"threads": args.threads})
-    print(f"{name}: study {time.perf_counter() - started:.0f} s, {len(study.prepared.candidates)} candidates", flush=True)
+    print(f"{name}: study {time.perf_counter() - started:.0f} s, {len(study.prepared.candidates)} candidates",
+          flush=True)
     rows = []
     reference = run_outputs(study.prepared.model, study.data.eval)
     if "int8" in args.configs:

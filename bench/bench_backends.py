@@ -56,7 +56,8 @@ def main() -> int:
     blocks = {
         "3x3+3x3": chain(n, s, [(c, c, 3, 1, True), (c, c, 3, 1, True)], "two3x3"),
         "5x5 (merged)": chain(n, s, [(c, c, 5, 1, True)], "merged5x5"),
-        "1x1-dw3x3-1x1": chain(n, s, [(c, 6 * c, 1, 1, True), (6 * c, 6 * c, 3, 6 * c, True), (6 * c, c, 1, 1, False)], "ir"),
+        "1x1-dw3x3-1x1": chain(n, s, [(c, 6 * c, 1, 1, True), (6 * c, 6 * c, 3, 6 * c, True), (6 * c, c, 1, 1, False)],
+                               "ir"),
         "3x3 (merged IR)": chain(n, s, [(c, c, 3, 1, False)], "mergedir"),
     }
     for name in BACKENDS:

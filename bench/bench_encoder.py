@@ -233,8 +233,8 @@ def main() -> None:
                      f"| {cos.min():.4f} | {agree:.3f} | {shared.replace('cosine: ', '') or 'n/a'} | {changes} |")
     lines += ["", (f"{len(calib_text)} calibration and {len(eval_text)} evaluation sentences (stdlib docstrings, "
                    f"different modules), sequence length {args.seq}, batch 1; backend "
-                   f"{study.latency.backend.get('backend')} ({study.latency.backend.get('device')}); load average at the "
-                   f"end {load}; {time.time() - started:.0f} s.")]
+                   f"{study.latency.backend.get('backend')} ({study.latency.backend.get('device')}); "
+                   f"load average at the end {load}; {time.time() - started:.0f} s.")]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,11 +21,11 @@ import onnx_graphsurgeon as gs
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmopt.calib import load_calibration
-from lmopt.inputs import real_tokens
-from lmopt.graph import replace_uses, to_model
-from lmopt.prepare import prepare
-from lmopt.repair import run_with_outputs
+from lmopt.calib import load_calibration  # noqa: E402
+from lmopt.graph import replace_uses, to_model  # noqa: E402
+from lmopt.inputs import real_tokens  # noqa: E402
+from lmopt.prepare import prepare  # noqa: E402
+from lmopt.repair import run_with_outputs  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_encoder import bench_session, time_pair  # noqa: E402

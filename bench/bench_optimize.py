@@ -36,7 +36,8 @@ def main() -> int:
 
     lines = [f"command: python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}",
              f"machine: {cpu_name()}, {physical_cores()} physical cores, backend {args.backend}", ""]
-    lines.append("| model | target | method | predicted | measured | pred. error | top-1 agree | KL | nrmse | changes |")
+    lines.append("| model | target | method | predicted | measured | pred. error | top-1 agree | KL | nrmse "
+                 "| changes |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     timings = []
     for name in args.models:

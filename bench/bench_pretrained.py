@@ -103,6 +103,7 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
 def bench_model(name: str, args, data_dir: pathlib.Path, log) -> tuple[list[str], list[str]]:
     """(table rows, detail lines) for one model."""
     import text_data as td
+
     from lmopt.calib import Preprocess
     from lmopt.optimizer import Study
 
@@ -131,7 +132,8 @@ def bench_model(name: str, args, data_dir: pathlib.Path, log) -> tuple[list[str]
         f"calibration set (chance {chance:.2f})")
     details.append(f"- `{name}` ({path.name}, labels {list(labels)}, input x: 1x{'x'.join(map(str, shape))}): "
                    f"original accuracy {orig_acc:.3f} on {len(eval_x)} evaluation samples (seed {EVAL_SEED}), "
-                   f"{calib_acc:.3f} on the {len(calib_x)} calibration samples (seed {CALIB_SEED}); chance {chance:.2f}.")
+                   f"{calib_acc:.3f} on the {len(calib_x)} calibration samples (seed {CALIB_SEED}); "
+                   f"chance {chance:.2f}.")
 
     if name == "text_direction":
         prep = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), layout="NCHW")
@@ -155,7 +157,8 @@ def bench_model(name: str, args, data_dir: pathlib.Path, log) -> tuple[list[str]
     details.append(f"  - lmopt's canonicalised model (batch fixed to 1, BN folded): accuracy "
                    f"{float((canon_pred == eval_y).mean()):.3f}, top-1 agreement with the original "
                    f"{float((canon_pred == orig_pred).mean()):.3f}; study (importance + block latencies) "
-                   f"{study.seconds:.0f}s, model {study.latency.whole_ms:.3f} ms, {len(study.prepared.candidates)} candidates.")
+                   f"{study.seconds:.0f}s, model {study.latency.whole_ms:.3f} ms, "
+                   f"{len(study.prepared.candidates)} candidates.")
 
     for target in args.targets:
         for method in args.methods:

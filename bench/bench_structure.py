@@ -16,11 +16,11 @@ sys.path.insert(0, str(ROOT))
 
 
 from lmopt.cli.inspect import summary  # noqa: E402
-from lmopt.passes.merge_runs import merge_linear_runs  # noqa: E402
-from lmopt.loader import canonicalise  # noqa: E402
-from lmopt.passes.activations import without_activations  # noqa: E402
 from lmopt.inputs import random_feeds  # noqa: E402
-from lmopt.metrics import compare
+from lmopt.loader import canonicalise  # noqa: E402
+from lmopt.metrics import compare  # noqa: E402
+from lmopt.passes.activations import without_activations  # noqa: E402
+from lmopt.passes.merge_runs import merge_linear_runs  # noqa: E402
 from lmopt.runtime import run_outputs  # noqa: E402
 from models.build import ensure_model  # noqa: E402
 from models.pretrained import find_pretrained  # noqa: E402
@@ -42,7 +42,8 @@ def main() -> int:
         if path is not None:
             subjects.append((name, path, shapes))
     print(f"command: python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}\n")
-    print("| model | chains | layers on chains | residual spans | activations | blocks | candidates | LayerMerge paper |")
+    print("| model | chains | layers on chains | residual spans | activations | blocks | candidates "
+          "| LayerMerge paper |")
     print("|---|---|---|---|---|---|---|---|")
     merge_rows = []
     for name, path, shapes in subjects:
@@ -60,10 +61,12 @@ def main() -> int:
         feeds = random_feeds(linear, 2)
         metrics = compare(run_outputs(linear, feeds), run_outputs(merged, feeds))
         merge_rows.append(f"| {name} | {len(chosen)} | {len(skipped)} | {metrics['max_rel']:.2e} | "
-                          f"{len(linear.graph.node)} -> {len(merged.graph.node)} | {time.perf_counter() - started:.0f} |")
+                          f"{len(linear.graph.node)} -> {len(merged.graph.node)} "
+                          f"| {time.perf_counter() - started:.0f} |")
     if merge_rows:
         print("\n`lmopt merge` (exact merges only) on each model with its activations removed, vs that model:\n")
-        print("| model | runs merged exactly | maximal runs padding makes inexact (their exact parts are merged) | max rel. error | nodes | seconds |")
+        print("| model | runs merged exactly | maximal runs padding makes inexact (their exact parts are merged) "
+              "| max rel. error | nodes | seconds |")
         print("|---|---|---|---|---|---|")
         print("\n".join(merge_rows))
     return 0

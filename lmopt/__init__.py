@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 from .errors import LmoptError  # noqa: E402
 
 
-def optimize(model, target=2.0, **options):
+def optimize(model, target: float = 2.0, **options):  # -> (onnx.ModelProto, lmopt.verify.Report)
     """Compress `model` (path or onnx.ModelProto) to run about `target` times faster.
 
     Returns (optimized onnx.ModelProto, lmopt.verify.Report). See lmopt.optimizer.optimize for options.

@@ -113,11 +113,11 @@ class Analysis:
         return self.chains[index]
 
 
-def shape_of(tensor) -> tuple:
+def shape_of(tensor: gs.Tensor) -> tuple:
     return tuple(tensor.shape) if tensor.shape is not None else ()
 
 
-def _single_producer(tensor):
+def _single_producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 
 
@@ -163,7 +163,7 @@ def _bias_add(node: gs.Node) -> gs.Node | None:
     return add
 
 
-def _ancestors(tensor, limit: int = 400) -> set[int]:
+def _ancestors(tensor: gs.Tensor, limit: int = 400) -> set[int]:
     """ids of tensors upstream of `tensor` (inclusive), bounded for speed."""
     seen, stack = {id(tensor)}, [tensor]
     while stack and len(seen) < limit:
@@ -248,7 +248,7 @@ def match_activation(tensor: gs.Variable, graph_outputs: set[str]) -> Activation
     return Activation(kind, [n.name for n in region], tensor.name, exits[0].name)
 
 
-def _tensor_consumers(root, region, name):
+def _tensor_consumers(root: gs.Variable, region: list[gs.Node], name: str) -> list[gs.Node]:
     if name == root.name:
         return list(root.outputs)
     for node in region:
@@ -274,104 +274,147 @@ def _prunable(node: gs.Node, in_shape: tuple, out_shape: tuple) -> bool:
     return True
 
 
+@dataclass
+class _GraphView:
+    """An imported graph and what the unit and chain builders look up in it."""
+    graph: gs.Graph
+    tensors: dict[str, gs.Tensor]
+    outputs: set[str]                           # graph output names
+    residuals: dict[str, tuple[str, Skip]]      # residual_adds(graph)
+    projections: set[str]                       # linear layers on shortcuts: not chain layers
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> _GraphView:
+        graph = gs.import_onnx(model)
+        residuals = residual_adds(graph)
+        projections = {skip.projection for _, skip in residuals.values() if skip.projection}
+        return cls(graph, graph.tensors(), {t.name for t in graph.outputs}, residuals, projections)
+
+
 def analyse(model: onnx.ModelProto) -> Analysis:
     """Chains, activations, residual spans and stops of a canonical model."""
-    graph = gs.import_onnx(model)
-    graph_outputs = {t.name for t in graph.outputs}
-    residuals = residual_adds(graph)
-    projections = {skip.projection for _, skip in residuals.values() if skip.projection}
-    unsupported: list[str] = []
-    layers = {}
-    for node in graph.nodes:
+    view = _GraphView.of(model)
+    layers, unsupported = _layers(view)
+    units = {name: _build_unit(node, view) for name, node in layers.items()}
+    chains = _chains(view, units)
+    return Analysis(chains, _stops(view, chains), unsupported, _activation_kinds(chains))
+
+
+def _layers(view: _GraphView) -> tuple[dict[str, gs.Node], list[str]]:
+    """The chain layers (linear layers lmopt can merge, shortcut projections excepted) by name, and
+    why each linear op lmopt cannot merge is not one."""
+    layers, unsupported = {}, []
+    for node in view.graph.nodes:
         ok, reason = linear_layer(node)
-        if ok and node.name not in projections:
+        if ok and node.name not in view.projections:
             layers[node.name] = node
         elif reason:
             unsupported.append(reason)
+    return layers, unsupported
 
-    def build_unit(node: gs.Node) -> Unit:
-        tail = _layer_tail(node)
-        bias = _bias_add(node)
-        skip = None
-        if len(tail.outputs) == 1 and tail.name not in graph_outputs:
-            add = tail.outputs[0]
-            entry = residuals.get(add.name)
-            if entry and entry[0] == tail.name:
-                skip = entry[1]
-                tail = add.outputs[0]
-        pre_act = tail
-        act = match_activation(tail, graph_outputs) if tail.name not in graph_outputs else None
-        out = graph.tensors()[act.output] if act else tail
-        in_shape, out_shape = shape_of(node.inputs[0]), shape_of(out)
-        return Unit(node.name, node.op, bias.name if bias else None, skip, act, node.inputs[0].name,
-                    pre_act.name, out.name, in_shape, out_shape, _prunable(node, in_shape, out_shape))
 
-    units = {name: build_unit(node) for name, node in layers.items()}
-    tensors = graph.tensors()
+def _build_unit(node: gs.Node, view: _GraphView) -> Unit:
+    """The layer with its bias Add, the residual Add it is the main operand of, and its activation."""
+    tail = _layer_tail(node)
+    bias = _bias_add(node)
+    skip = None
+    if len(tail.outputs) == 1 and tail.name not in view.outputs:
+        add = tail.outputs[0]
+        entry = view.residuals.get(add.name)
+        if entry and entry[0] == tail.name:
+            skip = entry[1]
+            tail = add.outputs[0]
+    pre_act = tail
+    act = match_activation(tail, view.outputs) if tail.name not in view.outputs else None
+    out = view.tensors[act.output] if act else tail
+    in_shape, out_shape = shape_of(node.inputs[0]), shape_of(out)
+    return Unit(node.name, node.op, bias.name if bias else None, skip, act, node.inputs[0].name,
+                pre_act.name, out.name, in_shape, out_shape, _prunable(node, in_shape, out_shape))
 
-    def successor(unit: Unit) -> str | None:
-        out = tensors[unit.output]
-        if unit.output in graph_outputs:
-            return None
-        main = []
-        for consumer in out.outputs:
-            if consumer.name in projections:
-                continue
-            entry = residuals.get(consumer.name)
-            if entry and entry[1].tensor == unit.output:
-                continue  # read as a shortcut
-            main.append(consumer)
-        if len(main) == 1 and main[0].name in units:
-            nxt = units[main[0].name]
-            if nxt.input == unit.output:
-                return main[0].name
+
+def _successor(unit: Unit, units: dict[str, Unit], view: _GraphView) -> str | None:
+    """The layer of the next unit on the chain: the only main-path reader of the unit's output,
+    when it is a chain layer reading it as its input."""
+    if unit.output in view.outputs:
         return None
+    main = []
+    for consumer in view.tensors[unit.output].outputs:
+        if consumer.name in view.projections:
+            continue
+        entry = view.residuals.get(consumer.name)
+        if entry and entry[1].tensor == unit.output:
+            continue  # read as a shortcut
+        main.append(consumer)
+    if len(main) == 1 and main[0].name in units:
+        nxt = units[main[0].name]
+        if nxt.input == unit.output:
+            return main[0].name
+    return None
 
-    following = {name: successor(u) for name, u in units.items()}
+
+def _chains(view: _GraphView, units: dict[str, Unit]) -> list[Chain]:
+    """Maximal runs of units, each followed from its first layer and split where the kind changes."""
+    following = {name: _successor(u, units, view) for name, u in units.items()}
     has_predecessor = {n for n in following.values() if n}
     chains: list[Chain] = []
-    order = [n.name for n in graph.nodes]  # graph order is topological after canonicalisation
+    order = [n.name for n in view.graph.nodes]  # graph order is topological after canonicalisation
     for name in order:
         if name not in units or name in has_predecessor:
             continue
         members = [units[name]]
         while following[members[-1].layer]:
             members.append(units[following[members[-1].layer]])
-        # Fix (tests/test_analysis.py::test_mixed_conv_dense_run_splits_into_chains): a run mixing
-        # Conv and MatMul/Gemm used to keep its first unit only, labelled "dense" even when it was
-        # a Conv, and the other layers were lost. Now each same-kind stretch is its own chain.
-        runs: list[list[Unit]] = []
-        for unit in members:
-            if runs and (runs[-1][0].op == "Conv") == (unit.op == "Conv"):
-                runs[-1].append(unit)
-            else:
-                runs.append([unit])
-        for members in runs:
-            kind = "conv" if members[0].op == "Conv" else "dense"
-            chain = Chain(len(chains), kind, members)
-            positions = {t: k for k, t in enumerate(chain.positions)}
-            for k, unit in enumerate(members, start=1):
-                if unit.skip is not None:
-                    p = positions.get(unit.skip.source)
-                    unit.skip.position = p if p is not None and p < k else None
-                    if unit.skip.position is None and unit.skip.projection is None:
-                        unit.skip.external_branch_removable = _plain_prefix(tensors, unit.skip.source, chain.positions[0])
+        for run in _same_kind_runs(members):
+            chain = Chain(len(chains), "conv" if run[0].op == "Conv" else "dense", run)
+            _place_skips(chain, view.tensors)
             chains.append(chain)
+    return chains
 
+
+def _same_kind_runs(members: list[Unit]) -> list[list[Unit]]:
+    """`members` cut where Conv meets MatMul/Gemm: a chain's kind holds for all its units."""
+    runs: list[list[Unit]] = []
+    for unit in members:
+        if runs and (runs[-1][0].op == "Conv") == (unit.op == "Conv"):
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return runs
+
+
+def _place_skips(chain: Chain, tensors: dict[str, gs.Tensor]) -> None:
+    """Set each skip's chain position, and for shortcuts from outside the chain whether their
+    branch is removable."""
+    positions = {t: k for k, t in enumerate(chain.positions)}
+    for k, unit in enumerate(chain.units, start=1):
+        if unit.skip is None:
+            continue
+        p = positions.get(unit.skip.source)
+        unit.skip.position = p if p is not None and p < k else None
+        if unit.skip.position is None and unit.skip.projection is None:
+            unit.skip.external_branch_removable = _plain_prefix(tensors, unit.skip.source, chain.positions[0])
+
+
+def _stops(view: _GraphView, chains: list[Chain]) -> dict[str, int]:
+    """Counts by op type of the nodes that are neither on a chain, nor constants, nor projections."""
     on_chain = {n for c in chains for u in c.units for n in _unit_nodes(u)}
     stops: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.name not in on_chain and node.op not in ("Constant",) and node.name not in projections:
+    for node in view.graph.nodes:
+        if node.name not in on_chain and node.op not in ("Constant",) and node.name not in view.projections:
             stops[node.op] = stops.get(node.op, 0) + 1
+    return stops
+
+
+def _activation_kinds(chains: list[Chain]) -> dict[str, int]:
     kinds: dict[str, int] = {}
     for chain in chains:
         for unit in chain.units:
             if unit.act:
                 kinds[unit.act.kind] = kinds.get(unit.act.kind, 0) + 1
-    return Analysis(chains, stops, unsupported, kinds)
+    return kinds
 
 
-def _plain_prefix(tensors: dict, source: str, start: str) -> bool:
+def _plain_prefix(tensors: dict[str, gs.Tensor], source: str, start: str) -> bool:
     """True when every node between `source` and `start` is something other than a linear layer
     (so that what dies with a removed branch is not timed by another chain)."""
     nodes, stack, seen = [], [tensors[start]], set()

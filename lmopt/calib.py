@@ -38,7 +38,7 @@ def _image_array(path: Path, shape: tuple[int, ...], prep: Preprocess) -> np.nda
         channels, height, width = shape[1], shape[2], shape[3]
     else:
         height, width, channels = shape[1], shape[2], shape[3]
-    # Fix: a wrong layout or a mean/std of the wrong length used to end in a numpy ValueError.
+    # a wrong layout or a mean/std of the wrong length: a clear error, not numpy's ValueError
     if channels not in (1, 3):
         raise LmoptError(f"--calib images: the model's input {list(shape)} has {channels} channels in {prep.layout} "
                          f"layout (images give 1 or 3): is --layout right?")
@@ -80,16 +80,17 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
         raise LmoptError(f"--calib {path}: no such file or folder")
     if path.is_dir():
         if len(shape) != 4:
-            raise LmoptError(f"--calib {path}: images need a 4-D image input, the model's input {name!r} is {list(shape)}")
+            raise LmoptError(f"--calib {path}: images need a 4-D image input, the model's input {name!r} is "
+                             f"{list(shape)}")
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise LmoptError(f"--calib {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
         batch = shape[0]
         files = files[:count * batch] if count else files
-        # Fix: images used to be one per feed, which failed (a numpy ValueError) for a batch > 1
-        # input; now they fill whole batches (a remainder that fills no batch is left out).
+        # Images fill whole batches of a batch > 1 input (a remainder that fills no batch is left out).
         if len(files) < batch:
-            raise LmoptError(f"--calib {path}: {len(files)} images do not fill one batch of the model's input {list(shape)}")
+            raise LmoptError(f"--calib {path}: {len(files)} images do not fill one batch of the model's input "
+                             f"{list(shape)}")
         files = files[:len(files) - len(files) % batch]
         samples = list(np.stack([_image_array(f, shape, prep) for f in files]).reshape((-1,) + tuple(shape)))
     else:
@@ -99,11 +100,13 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
             raise LmoptError(f"--calib {path}: not a readable .npy/.npz file ({type(exc).__name__})") from None
         if isinstance(loaded, np.lib.npyio.NpzFile):
             arrays = [loaded[k] for k in loaded.files]
+            item = len(shape) - 1
             try:
-                array = np.concatenate([a.reshape((-1,) + a.shape[-(len(shape) - 1):]) for a in arrays]) if arrays else None
-            except ValueError:  # Fix: arrays of different shapes used to escape as a numpy error
+                array = np.concatenate([a.reshape((-1,) + a.shape[-item:]) for a in arrays]) if arrays else None
+            except ValueError:  # arrays of different shapes: say so, not numpy's concatenate error
                 raise LmoptError(f"--calib {path}: its arrays have different shapes "
-                                 f"{[list(a.shape) for a in arrays]}; the model's input {name!r} is {list(shape)}") from None
+                                 f"{[list(a.shape) for a in arrays]}; the model's input {name!r} is "
+                                 f"{list(shape)}") from None
         else:
             array = loaded
         if array is None or array.size == 0:
@@ -118,10 +121,11 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, count: int | None
         else:
             raise LmoptError(f"--calib {path}: arrays of shape {list(array.shape)} do not match the model's input "
                              f"{name!r} {list(shape)} (expected N x {list(item)})")
-        # Fix: N samples that fill no whole batch of a batch > 1 input used to fail in reshape.
+        # samples fill whole batches of a batch > 1 input, as images do
         flat = array.reshape((-1,) + item)
         if len(flat) < shape[0]:
-            raise LmoptError(f"--calib {path}: {len(flat)} samples do not fill one batch of the model's input {list(shape)}")
+            raise LmoptError(f"--calib {path}: {len(flat)} samples do not fill one batch of the model's input "
+                             f"{list(shape)}")
         array = flat[:len(flat) - len(flat) % shape[0]].reshape((-1,) + tuple(shape))
         samples = list(array[:count] if count else array)
     feeds = [{name: np.asarray(s, dtype=dtype).reshape(shape)} for s in samples]
@@ -171,7 +175,8 @@ def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int | Non
     else:
         feeds = load_calibration(calib, model, None, prep)
         if len(feeds) < 2:
-            raise LmoptError(f"--calib {calib}: needs at least 2 samples (calibration and evaluation), found {len(feeds)}")
+            raise LmoptError(f"--calib {calib}: needs at least 2 samples (calibration and evaluation), "
+                             f"found {len(feeds)}")
         # Held out from the end, not at random: data ordered by source (crops of one image side by
         # side, files sorted by name) then keeps each source on one side of the split.
         n_eval = min(eval_count, len(feeds) // 2)

@@ -13,8 +13,8 @@ from itertools import combinations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .analysis import Analysis, Chain
 from .algebra.lowrank import ranks_for
+from .analysis import Analysis, Chain
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .errors import LmoptError
-from .repair import run_with_outputs
 from .metrics import compare, damage, is_classifier
+from .repair import run_with_outputs
 from .runtime import free_batch
 
 log = logging.getLogger("lmopt.distill")
@@ -73,14 +74,103 @@ def _stack(feeds: list[dict]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
 
 
-def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: list[str], train_feeds: list[dict],
-            check_feeds: list[dict], minutes: float, batch_size: int = 32, lr: float = 1e-4,
-            progress: bool = False) -> tuple[onnx.ModelProto, DistillReport]:
-    """Distil `original` into `compressed`'s weights for about `minutes` (see the module's text)."""
+def _require_torch() -> Any:
     try:
         import torch
     except ImportError:
         raise LmoptError("--distill needs PyTorch: pip install 'lmopt[torch]'") from None
+    return torch
+
+
+class _Check:
+    """Damage on the held-out calibration data, against the teacher's output there."""
+
+    def __init__(self, original: onnx.ModelProto, feeds: list[dict]):
+        self.feeds = feeds
+        self.reference = run_with_outputs(original, feeds, [])[0]
+        self.classifier = is_classifier(self.reference[None] if self.reference.ndim == 2 else self.reference)
+
+    def damage(self, model: onnx.ModelProto) -> float:
+        return damage(compare(self.reference, run_with_outputs(model, self.feeds, [])[0]))
+
+
+def _shared_features(compressed: onnx.ModelProto, features: list[str]) -> list[str]:
+    """The block-end tensors present in both graphs (a removed residual branch leaves none), in
+    order, without duplicates or graph outputs."""
+    existing = {o.name for o in compressed.graph.output}
+    produced = {name for node in compressed.graph.node for name in node.output}
+    return [name for name in dict.fromkeys(features) if name in produced and name not in existing]
+
+
+class _Student:
+    """A translated graph whose initializers `names` (Conv/Gemm weights and biases) become float
+    parameters; the other constants stay fixed."""
+
+    def __init__(self, module: Any, names: list[str]):
+        import torch
+
+        self.module, self.names = module, names
+        self.params = []
+        for name in self.names:
+            slot = self.module._slot[name]
+            value = getattr(self.module, slot).clone().float()
+            delattr(self.module, slot)
+            param = torch.nn.Parameter(value)
+            self.module.register_parameter(slot, param)
+            self.params.append(param)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: p.detach().numpy().copy() for name, p in zip(self.names, self.params)}
+
+
+class _Loss:
+    """The output loss (KL for class scores, else MSE over the teacher's mean square) plus
+    FEATURE_WEIGHT times the mean feature loss (each feature's MSE over its mean square). `teacher`
+    holds the teacher's first output, then its value of each feature; the student's outputs from
+    `first_feature` on are its features in the same order."""
+
+    def __init__(self, teacher: list[np.ndarray], first_feature: int, classifier: bool):
+        import torch
+
+        self.targets = [torch.from_numpy(t.astype(np.float32)) for t in teacher]
+        self.scales = [float((t ** 2).mean()) + 1e-12 for t in self.targets]
+        self.first_feature, self.classifier = first_feature, classifier
+
+    def __call__(self, outputs: tuple, index: Any) -> Any:
+        import torch
+
+        logits, feats = outputs[0], outputs[self.first_feature:]
+        goal = self.targets[0][index]
+        if self.classifier:
+            out_loss = torch.nn.functional.kl_div(torch.log_softmax(logits.flatten(1), -1),
+                                                  torch.log_softmax(goal.flatten(1), -1),
+                                                  log_target=True, reduction="batchmean")
+        else:
+            out_loss = ((logits - goal) ** 2).mean() / self.scales[0]
+        feat_loss = sum(((f - t[index]) ** 2).mean() / s
+                        for f, t, s in zip(feats, self.targets[1:], self.scales[1:]))
+        return out_loss + FEATURE_WEIGHT * feat_loss / max(len(self.targets) - 1, 1)
+
+
+def _epoch(student: _Student, optimizer: Any, loss_of: _Loss, x_all: Any, batch_size: int, generator: Any,
+           deadline: float) -> None:
+    """One pass over the training samples in a random order, cut short at `deadline`."""
+    import torch
+
+    student.module.train()
+    for index in torch.randperm(len(x_all), generator=generator).split(batch_size):
+        optimizer.zero_grad()
+        loss_of(student.module(x_all[index]), index).backward()
+        optimizer.step()
+        if time.perf_counter() >= deadline:
+            break
+
+
+def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: list[str], train_feeds: list[dict],
+            check_feeds: list[dict], minutes: float, batch_size: int = 32, lr: float = 1e-4,
+            progress: bool = False) -> tuple[onnx.ModelProto, DistillReport]:
+    """Distil `original` into `compressed`'s weights for about `minutes` (see the module's text)."""
+    torch = _require_torch()
     from tqdm import tqdm
 
     from .latency.torch_translate import translate
@@ -88,66 +178,25 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: li
     started = time.perf_counter()
     if len(compressed.graph.input) != 1 or len(train_feeds) < 2 or not check_feeds:
         raise LmoptError("--distill needs a single-input model and at least 2 calibration samples")
-    input_name = compressed.graph.input[0].name
-    reference_check = run_with_outputs(original, check_feeds, [])[0]
-    classifier = is_classifier(reference_check[None] if reference_check.ndim == 2 else reference_check)
-
-    def check_damage(model: onnx.ModelProto) -> float:
-        return damage(compare(reference_check, run_with_outputs(model, check_feeds, [])[0]))
-
-    # Features are block-end tensors present in both graphs (a removed residual branch leaves none).
-    existing = {o.name for o in compressed.graph.output}
-    produced = {name for node in compressed.graph.node for name in node.output}
-    features = [name for name in dict.fromkeys(features) if name in produced and name not in existing]
-    first_feature = len(compressed.graph.output)
-    student_model = _with_outputs(free_batch(compressed), features)
-    module = translate(student_model)
-    trainable = _trainable(compressed)
-    params = []
-    for name in trainable:
-        slot = module._slot[name]
-        value = getattr(module, slot).clone().float()
-        delattr(module, slot)
-        param = torch.nn.Parameter(value)
-        module.register_parameter(slot, param)
-        params.append(param)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    check = _Check(original, check_feeds)
+    features = _shared_features(compressed, features)
+    # The student outputs the features after the graph's own outputs.
+    student = _Student(translate(_with_outputs(free_batch(compressed), features)), _trainable(compressed))
+    optimizer = torch.optim.Adam(student.params, lr=lr)
     teacher = run_with_outputs(original, train_feeds, features)
-    x_all = torch.from_numpy(_stack(train_feeds)[input_name])
-    targets = [torch.from_numpy(t.astype(np.float32)) for t in teacher]
-    scales = [float((t ** 2).mean()) + 1e-12 for t in targets]
+    x_all = torch.from_numpy(_stack(train_feeds)[compressed.graph.input[0].name])
+    loss_of = _Loss(teacher, len(compressed.graph.output), check.classifier)
 
-    def loss_of(outputs, index):
-        logits, feats = outputs[0], outputs[first_feature:]
-        goal = targets[0][index]
-        if classifier:
-            out_loss = torch.nn.functional.kl_div(torch.log_softmax(logits.flatten(1), -1),
-                                                  torch.log_softmax(goal.flatten(1), -1),
-                                                  log_target=True, reduction="batchmean")
-        else:
-            out_loss = ((logits - goal) ** 2).mean() / scales[0]
-        feat_loss = sum(((f - t[index]) ** 2).mean() / s for f, t, s in zip(feats, targets[1:], scales[1:]))
-        return out_loss + FEATURE_WEIGHT * feat_loss / max(len(features), 1)
-
-    def current_weights() -> dict[str, np.ndarray]:
-        return {name: p.detach().numpy().copy() for name, p in zip(trainable, params)}
-
-    best_damage = before = check_damage(compressed)
+    best_damage = before = check.damage(compressed)
     best_weights, epochs = None, 0
     deadline = started + 60 * minutes
     bar = tqdm(total=round(60 * minutes), desc="distilling", unit="s", disable=not progress, leave=False)
     generator = torch.Generator().manual_seed(0)
     while time.perf_counter() < deadline:
-        module.train()
-        for index in torch.randperm(len(x_all), generator=generator).split(batch_size):
-            optimizer.zero_grad()
-            loss_of(module(x_all[index]), index).backward()
-            optimizer.step()
-            if time.perf_counter() >= deadline:
-                break
+        _epoch(student, optimizer, loss_of, x_all, batch_size, generator, deadline)
         epochs += 1
-        weights = current_weights()
-        trial = check_damage(_write_back(compressed, weights))
+        weights = student.weights()
+        trial = check.damage(_write_back(compressed, weights))
         log.info("distill epoch %d: check damage %.4g (best %.4g)", epochs, trial, best_damage)
         if trial < best_damage:
             best_damage, best_weights = trial, weights

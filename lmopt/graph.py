@@ -23,9 +23,8 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(model)
-    # Fix (tests/test_loader.py::test_constant_subgraph_folded_at_new_ir_version): gs exports the
-    # graph at this IR version and runs onnxruntime to fold constants; a model written by a newer
-    # onnx (IR 14 with onnx 1.23) made ORT refuse it, and folding then silently did nothing.
+    # gs exports the graph at this IR version and runs onnxruntime to fold constants: a model
+    # written by a newer onnx (IR 14 with onnx 1.23) would be refused, and folding do nothing.
     graph.ir_version = min(model.ir_version or onnx.IR_VERSION, max_ir_version())
     return graph
 
@@ -63,7 +62,7 @@ def shape_known(value_info: onnx.ValueInfoProto) -> bool:
             and all(d.HasField("dim_value") for d in tensor.shape.dim))
 
 
-def constant_values(tensor) -> np.ndarray | None:
+def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
     """Values of a constant tensor (an initializer or a Constant node's output), else None."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)

@@ -54,7 +54,7 @@ def vocabulary_size(model: onnx.ModelProto, name: str) -> int | None:
     return None
 
 
-def integer_input(model: onnx.ModelProto, name: str, shape: tuple[int, ...], dtype, rng: np.random.Generator,
+def integer_input(model: onnx.ModelProto, name: str, shape: tuple[int, ...], dtype: type, rng: np.random.Generator,
                   vocab: dict | None = None) -> np.ndarray:
     """A token-like value for one integer (or bool) input."""
     kind = role(name)

@@ -33,7 +33,7 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
         new = [int(d) for d in dims.split(",")]
         if 0 in new:
             raise LmoptError(f"--input-shape {spec!r}: dims must be positive")
-        # Fix: a second spec for the same input used to replace the first silently.
+        # two different specs for one input: refuse rather than let the last one win silently
         if name in shapes and shapes[name] != new:
             raise LmoptError(f"--input-shape {spec!r} conflicts with an earlier --input-shape for the same input "
                              f"({','.join(map(str, shapes[name]))})")
@@ -54,7 +54,7 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
         if len(inputs) != 1:
             raise LmoptError(f"--input-shape without a name is ambiguous: the model has inputs {names}")
         bare = shapes.pop("")
-        # Fix: a bare shape and a named one for the same input used to be resolved silently.
+        # a bare shape and a named one for the same input must agree
         if names[0] in shapes and shapes[names[0]] != bare:
             raise LmoptError(f"--input-shape {','.join(map(str, bare))} conflicts with --input-shape "
                              f"{names[0]}:{','.join(map(str, shapes[names[0]]))}")
@@ -67,17 +67,20 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
         if vi.name in shapes:
             new = shapes[vi.name]
             if len(new) != len(dims):
-                raise LmoptError(f"--input-shape {vi.name}: rank {len(new)} given, the model's input has rank {len(dims)} {dims}")
+                raise LmoptError(f"--input-shape {vi.name}: rank {len(new)} given, the model's input has rank "
+                                 f"{len(dims)} {dims}")
             for old, want in zip(dims, new):
                 if isinstance(old, int) and old != want:
-                    raise LmoptError(f"--input-shape {vi.name}:{','.join(map(str, new))} conflicts with the model's static shape {dims}")
+                    raise LmoptError(f"--input-shape {vi.name}:{','.join(map(str, new))} conflicts with the "
+                                     f"model's static shape {dims}")
             shape = vi.type.tensor_type.shape
             for dim, value in zip(shape.dim, new):
                 dim.Clear()
                 dim.dim_value = value
         elif not all(isinstance(d, int) for d in dims):
             example = ",".join(str(d) if isinstance(d, int) else "N" for d in dims)
-            raise LmoptError(f"input {vi.name!r} has dynamic dims {dims}: pass --input-shape {vi.name}:{example} with numbers")
+            raise LmoptError(f"input {vi.name!r} has dynamic dims {dims}: "
+                             f"pass --input-shape {vi.name}:{example} with numbers")
     # Intermediate and output shapes were inferred with the symbolic dims: infer them again.
     del model.graph.value_info[:]
     for out in model.graph.output:
@@ -87,7 +90,8 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
 def check_opsets(model: onnx.ModelProto) -> None:
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version > MAX_KNOWN_OPSET:
-            raise LmoptError(f"opset {opset.version} is newer than this onnx supports ({MAX_KNOWN_OPSET}); upgrade onnx or re-export at a lower opset")
+            raise LmoptError(f"opset {opset.version} is newer than this onnx supports ({MAX_KNOWN_OPSET}); "
+                             "upgrade onnx or re-export at a lower opset")
         if opset.domain not in ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"):
             raise LmoptError(f"unknown operator domain {opset.domain!r} (custom ops cannot be analysed or timed)")
     try:

@@ -5,6 +5,7 @@ import contextlib
 import functools
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,14 +56,15 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        raise LmoptError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {one_line(exc, 'truncated or corrupt')})") from None
+        raise LmoptError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
+                         f"{one_line(exc, 'truncated or corrupt')})") from None
     if not model.graph.node:
         raise LmoptError(f"{path}: not a readable ONNX model (the graph has no nodes)")
     return model
 
 
 @contextlib.contextmanager
-def atomic_target(path: str | os.PathLike):
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path`, on any failure it is removed,
     so a reader never sees a half-written file and an existing file is never truncated."""
     path = Path(path)
@@ -161,7 +163,7 @@ def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def input_dtype(value_info: onnx.ValueInfoProto):
+def input_dtype(value_info: onnx.ValueInfoProto) -> type:
     elem = value_info.type.tensor_type.elem_type
     if elem not in NP_TYPES:
         raise LmoptError(f"input {value_info.name!r} has element type "

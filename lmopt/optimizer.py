@@ -125,7 +125,8 @@ class Study:
         return restore_order(written or optimized, self.prepared.output_order), report
 
 
-def optimize(source, target: float = 2.0, *, method: str = "layermerge", measure: bool = True, rounds: int = 2,
+def optimize(source: str | onnx.ModelProto, target: float = 2.0, *, method: str = "layermerge", measure: bool = True,
+             rounds: int = 2,
              **options) -> tuple[onnx.ModelProto, Report]:
     """Compress `source` (path or ModelProto) to run about `target` times faster: (model, report).
 

@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
+from .algebra import LayerSpec
 from .analysis import Analysis, analyse
 from .blocks import block_model
 from .candidates import Candidate, enumerate_candidates
 from .errors import LmoptError
 from .loader import canonicalise
 from .outputs import output_kind, primary_first
+from .passes.merge import rewrite_block
 from .select import METHODS, method_filter
 from .symbolic import with_node_names
 
@@ -45,16 +47,15 @@ def prepare(source: str | onnx.ModelProto, input_shapes: dict | None = None, max
     order = primary_first(model)
     analysis = analyse(model)
     if not analysis.chains:
-        raise LmoptError("no chain of linear layers (Conv, Gemm, MatMul with constant weights) found: nothing to optimize")
+        raise LmoptError("no chain of linear layers (Conv, Gemm, MatMul with constant weights) found: nothing to "
+                         "optimize")
     candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel, low_rank=True)
                   if method_filter(method, c)]
     return Prepared(model, steps, analysis, candidates, method, order)
 
 
-def candidate_graph(prepared: Prepared, cand: Candidate, operator=None) -> gs.Graph:
+def candidate_graph(prepared: Prepared, cand: Candidate, operator: LayerSpec | None = None) -> gs.Graph:
     """The whole model with one candidate rewritten (with refit weights `operator`, where given)."""
-    from .passes.merge import rewrite_block
-
     graph = gs.import_onnx(prepared.model)
     if not cand.is_original:
         rewrite_block(graph, prepared.analysis.chains[cand.chain], cand, operator)

@@ -7,12 +7,14 @@ run or from a table file written by `lmopt profile` on the target device.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .analysis import Analysis
 from .apply import apply_candidates
 from .candidates import Candidate
 from .errors import LmoptError
@@ -50,15 +52,15 @@ class LatencyTable:
         return self.estimate_ms / target - self.fixed_ms
 
 
-def tensor_size(shape) -> int:
+def tensor_size(shape: Sequence | None) -> int:
     """Elements of a tensor; a symbolic or unknown dim counts as 1 (0 when the shape is unknown)."""
     if not shape:
         return 0
     return int(np.prod([d if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]))
 
 
-def boundary_corrected(model: onnx.ModelProto, analysis, candidates: list[Candidate],
-                       latency: dict, chain_ms: dict) -> dict:
+def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: list[Candidate],
+                       latency: dict[str, float], chain_ms: dict[int, float]) -> dict[str, float]:
     """Block latencies with the cost of their standalone boundaries taken out.
 
     A block timed alone pays at its input and output what it does not pay inside the network
@@ -102,31 +104,42 @@ def time_blocks(runner: LatencyBackend, model: onnx.ModelProto, blocks: dict, ca
     return latency, signatures, latency.pop(WHOLE_MODEL)
 
 
-def profile(prepared: Prepared, runner: LatencyBackend, cache: LatencyCache | None = None,
-            progress: bool = True) -> LatencyTable:
-    """Time every candidate block, each chain and the whole model on `runner`. A block's signature
-    is cached by model and candidate, so a warm run builds no block model at all."""
+def time_candidates(prepared: Prepared, runner: LatencyBackend, cache: LatencyCache | None,
+                    progress: bool) -> tuple[dict[str, float], dict[str, str], float]:
+    """(ms, structural signature) of every candidate block and every chain (`chain:N`), and the whole
+    model's ms, on `runner`. A block's signature is cached by model and candidate, so a warm run
+    builds no block model at all."""
     model_key, backend = model_fingerprint(prepared.model), runner.cache_key()
-    timed, pending, representatives = {}, {}, {}
+    timed, signatures, pending, representatives = {}, {}, {}, {}
     for cand in stage(prepared.candidates, desc="building blocks", unit="cand", enabled=progress):
         signature = cache.get_signature(f"{model_key}:{cand.key}") if cache is not None else None
         ms = cache.get(signature, backend) if signature else None
         if ms is not None:
-            timed[cand.key] = ms
+            timed[cand.key], signatures[cand.key] = ms, signature
             continue
         block = block_of(prepared, cand, candidate_graph(prepared, cand))
         pending[cand.key] = structural_signature(block)
         # One model per structure: the same block recurs across a network, and holding hundreds of
         # block models with their weights costs gigabytes.
         representatives.setdefault(pending[cand.key], block)
-    measured, _, whole_ms = time_blocks(runner, prepared.model, {**representatives, **chain_models(prepared)},
-                                        cache, progress)
+    measured, chain_signatures, whole_ms = time_blocks(runner, prepared.model,
+                                                       {**representatives, **chain_models(prepared)}, cache, progress)
     for key, signature in pending.items():
-        timed[key] = measured[signature]
+        timed[key], signatures[key] = measured[signature], signature
         if cache is not None:
             cache.put_signature(f"{model_key}:{key}", signature)
-    chain_ms = {c.index: measured[f"chain:{c.index}"] for c in prepared.analysis.chains}
-    table = assemble(prepared, backend, MEASURED_HERE, timed, chain_ms, whole_ms)
+    for chain in prepared.analysis.chains:
+        key = f"chain:{chain.index}"
+        timed[key], signatures[key] = measured[key], chain_signatures[key]
+    return timed, signatures, whole_ms
+
+
+def profile(prepared: Prepared, runner: LatencyBackend, cache: LatencyCache | None = None,
+            progress: bool = True) -> LatencyTable:
+    """Time every candidate block, each chain and the whole model on `runner` (see time_candidates)."""
+    timed, _, whole_ms = time_candidates(prepared, runner, cache, progress)
+    chain_ms = {c.index: timed.pop(f"chain:{c.index}") for c in prepared.analysis.chains}
+    table = assemble(prepared, runner.cache_key(), MEASURED_HERE, timed, chain_ms, whole_ms)
     if all(c.kind == "dense" for c in prepared.analysis.chains):
         table = fit_in_context(table, prepared, runner)
     return table
@@ -187,15 +200,11 @@ def fit_in_context(table: LatencyTable, prepared: Prepared, runner: LatencyBacke
                    fixed_ms=fixed, estimate_ms=fixed + scale * original, scale=scale)
 
 
-def profile_table(prepared: Prepared, backend_name: str | None = None, cache_path=None, progress: bool = True,
+def profile_table(prepared: Prepared, backend_name: str | None = None, cache_path: str | bool | None = None,
+                  progress: bool = True,
                   **backend_options) -> dict:
     """A latency-table file's content for every candidate block, for `lmopt profile`."""
     backend = get_backend(backend_name, **backend_options)
     cache = LatencyCache(cache_path) if cache_path is not False else None
-    blocks = {cand.key: block_of(prepared, cand, candidate_graph(prepared, cand))
-              for cand in stage(prepared.candidates, desc="building blocks", unit="cand", enabled=progress)}
-    blocks.update(chain_models(prepared))
-    latency, signatures, whole = time_blocks(backend, prepared.model, blocks, cache, progress)
-    table = make_table(prepared.model, backend.cache_key(), latency, signatures)
-    table["model_ms"] = whole
-    return table
+    timed, signatures, whole_ms = time_candidates(prepared, backend, cache, progress)
+    return {**make_table(prepared.model, backend.cache_key(), timed, signatures), "model_ms": whole_ms}

@@ -12,6 +12,7 @@ it was.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,13 +20,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from .algebra.linear import ConvSpec, DenseSpec
+from .algebra.refit import refit_conv, refit_dense
 from .analysis import Analysis
 from .candidates import Candidate
 from .graph import to_model
-from .algebra.linear import ConvSpec, DenseSpec
-from .passes.merge import layer_spec, rewrite_prefix
-from .algebra.refit import refit_conv, refit_dense
 from .metrics import compare, damage
+from .passes.merge import layer_spec, rewrite_prefix
 from .runtime import run_each
 
 log = logging.getLogger("lmopt.repair")
@@ -139,7 +140,8 @@ def _spec_of(model: onnx.ModelProto, node_name: str):
 
 
 def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Analysis, changes: list[Candidate],
-           fit_feeds: list[dict], check_feeds: list[dict], progress=None) -> tuple[onnx.ModelProto, list[RepairStep]]:
+           fit_feeds: list[dict], check_feeds: list[dict],
+           progress: Callable[[int, int], None] | None = None) -> tuple[onnx.ModelProto, list[RepairStep]]:
     """Repair `optimized` layer by layer in context (see the module's text). Returns the repaired
     model and one step per layer considered."""
     targets = repair_targets(optimized, analysis, changes)
@@ -165,7 +167,8 @@ def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Anal
                  else refit_dense(spec, x_values, goal))
         if refit is not None:
             tries.append(("refit", refit))
-        tries.append(("scale+bias", _scaled(spec, *affine_fit(y_values, goal, 1 if isinstance(spec, ConvSpec) else -1))))
+        channel_axis = 1 if isinstance(spec, ConvSpec) else -1
+        tries.append(("scale+bias", _scaled(spec, *affine_fit(y_values, goal, channel_axis))))
         best_kind, best_model, best_damage = "none", optimized, current_damage
         for kind, candidate_spec in tries:
             trial = _set_weights(optimized, name, candidate_spec)

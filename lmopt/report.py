@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from .analysis import Analysis
 from .candidates import Candidate, removed_activations, removed_branches
+
+if TYPE_CHECKING:  # verify imports this module
+    from .verify import Report
 
 
 def op_table(model: onnx.ModelProto) -> dict:
@@ -60,7 +64,8 @@ def fidelity_text(fid: dict) -> str:
 
 def _speed_lines(report) -> list[str]:
     backend = report.backend
-    lines = [f"target {report.target:g}x with {report.method} on {backend.get('backend')} ({backend.get('device', '?')})"]
+    lines = [f"target {report.target:g}x with {report.method} on {backend.get('backend')} "
+             f"({backend.get('device', '?')})"]
     if not report.target_met:
         lines.append("  target out of reach: this is the fastest plan found")
     lines.append(f"  original {report.original_ms:.3f} ms, predicted {report.predicted_ms:.3f} ms "
@@ -96,12 +101,13 @@ def _fidelity_lines(report) -> list[str]:
     return lines
 
 
-def format_report(report) -> str:
+def format_report(report: Report) -> str:
     """The optimize report (a verify.Report) as text."""
     lines = _speed_lines(report) + _fidelity_lines(report)
     lines.append(f"  {len(report.changes)} changes:")
     for change in report.changes:
-        acts = f", activations removed: {', '.join(change['activations_removed'])}" if change["activations_removed"] else ""
+        removed = change["activations_removed"]
+        acts = f", activations removed: {', '.join(removed)}" if removed else ""
         pruned = f", pruned: {', '.join(change['pruned'])}" if change["pruned"] and change["action"] != "prune" else ""
         lines.append(f"    {change['action']:<22} {' + '.join(change['layers'])}{pruned}{acts}")
     lines.append(format_op_table(report.before, report.after))

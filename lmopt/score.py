@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .algebra import LayerSpec
 from .algebra.linear import ConvSpec
 from .algebra.lowrank import reduced_rank
 from .algebra.refit import refit_conv, refit_dense
@@ -28,7 +29,6 @@ from .passes.merge import ZERO, BlockBuilder, rewrite_prefix
 from .prepare import Prepared, candidate_graph
 from .progress import stage
 from .runtime import run_each, run_outputs
-
 
 # Bump when the damage measure changes, so cached scores of the old measure are not reused.
 SCORE_VERSION = "damage-v5"
@@ -106,7 +106,7 @@ class Refits:
         self._made: dict[str, object] = {}
         self._scorer: Scorer | None = None
 
-    def operator(self, cand: Candidate):
+    def operator(self, cand: Candidate) -> LayerSpec | None:
         """The refit of a candidate's merged layer, or None to keep the composed weights (refit off,
         an exact merge, an identity, or too large to solve)."""
         if not self.enabled or cand.is_original:

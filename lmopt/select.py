@@ -9,11 +9,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .candidates import Candidate
 from .errors import LmoptError
+
+if TYPE_CHECKING:  # profile imports this module
+    from .profile import LatencyTable
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +191,7 @@ def check_target(target: float) -> float:
     return target
 
 
-def choose(table, chain_lengths: dict[int, int], candidates: list[Candidate], damage: dict[str, float],
+def choose(table: LatencyTable, chain_lengths: dict[int, int], candidates: list[Candidate], damage: dict[str, float],
            target: float, method: str) -> Plan:
     """The plan of least summed `damage` within `target`'s budget on `table` (a profile.LatencyTable),
     using the `method`'s candidates; the fastest plan when the target is out of reach."""

@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 
 from .analysis import Analysis
+from .apply import apply_candidates
 from .candidates import Candidate
-from .inputs import integer_input
 from .graph import infer_shapes
+from .inputs import integer_input
 from .loader import check_opsets
 from .onnxio import graph_inputs, input_dtype, load_model
 from .outputs import float_outputs, run_named
-from .apply import apply_candidates
 from .passes.base import run_passes
 from .passes.canonical import CANONICAL_SYMBOLIC
 
@@ -101,7 +101,8 @@ def other_shape_feed(model: onnx.ModelProto, dims: dict[str, list], planned_feed
     return feed
 
 
-def keep_symbolic(source, planned: onnx.ModelProto, analysis: Analysis, changes: list[Candidate],
+def keep_symbolic(source: str | os.PathLike | onnx.ModelProto, planned: onnx.ModelProto, analysis: Analysis,
+                  changes: list[Candidate],
                   operators: dict, feeds: list[dict]) -> tuple[onnx.ModelProto | None, str]:
     """(the plan applied to the symbolic-dim model, or None; a one-line note for the report, empty when
     the source has fixed input shapes)."""
@@ -131,7 +132,7 @@ def keep_symbolic(source, planned: onnx.ModelProto, analysis: Analysis, changes:
     return model, "symbolic dims kept: " + ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in dims.items())
 
 
-def with_node_names(source):
+def with_node_names(source: str | os.PathLike | onnx.ModelProto) -> str | os.PathLike | onnx.ModelProto:
     """`source` with every node named (see name_nodes) when its inputs have symbolic dims, else as is."""
     model = source_model(source)
     return name_nodes(model) if symbolic_dims(model) else source

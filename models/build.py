@@ -50,7 +50,8 @@ def ensure_model(name: str, out_dir: str | pathlib.Path | None = None) -> pathli
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="models/build.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"models to build (default: all of {', '.join(NAMES)})")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"models to build (default: all of {', '.join(NAMES)})")
     parser.add_argument("--out", type=pathlib.Path, default=MODELS_DIR, help="output folder (default: models/)")
     parser.add_argument("--image-size", type=int, default=None, help="input height and width (default 224)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")

@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from lmopt.onnxio import DEFAULT_OPSET, runtime_compatible
 from lmopt.algebra.linear import ConvSpec
+from lmopt.onnxio import DEFAULT_OPSET, runtime_compatible
 
 __all__ = [
     "assert_close",

@@ -67,7 +67,9 @@ def tiny_bert(layers: int = 2, dim: int = 32, heads: int = 4, hidden: int = 128,
     word = b.const("embeddings.word", (b.rng.standard_normal((vocab, dim)) * 0.5).astype(np.float32))
     pos = b.const("embeddings.position", (b.rng.standard_normal((max_len, dim)) * 0.1).astype(np.float32))
     kind = b.const("embeddings.type", (b.rng.standard_normal((2, dim)) * 0.1).astype(np.float32))
-    i64 = lambda name, values: b.const(name, np.asarray(values, dtype=np.int64))
+
+    def i64(name, values):
+        return b.const(name, np.asarray(values, dtype=np.int64))
 
     scope = "/embeddings"
     shape = b.node("Shape", ["input_ids"], scope)

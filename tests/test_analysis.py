@@ -308,8 +308,8 @@ def mixed_model():
 
 
 def test_mixed_conv_dense_run_splits_into_chains():
-    """A Conv feeding MatMuls: the conv part and the dense part are separate chains, nothing is lost
-    (it used to keep the Conv alone, labelled "dense", and drop the MatMuls from every chain)."""
+    """A Conv feeding MatMuls: the conv part and the dense part are separate chains, each labelled
+    with its own kind, and no layer is lost."""
     a = analyse(canonicalise(mixed_model())[0])
     assert [(c.kind, [u.layer for u in c.units]) for c in a.chains] == [("conv", ["conv"]), ("dense", ["mm1", "mm2"])]
     assert a.stops == {}

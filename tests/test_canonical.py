@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from chains import assert_close
 from chains import run as _run
+from onnx import TensorProto, helper, numpy_helper
+
 from lmopt.analysis import analyse
 from lmopt.loader import canonicalise
 from lmopt.onnxio import DEFAULT_OPSET, max_ir_version

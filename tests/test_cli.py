@@ -84,7 +84,8 @@ def dynamic_conv_model():
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Conv", ["r", "W2"], ["y"])]
-    graph = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+    graph = helper.make_graph(nodes, "dyn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, "h", "w"])],
                               [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
                                numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "W2")])
@@ -253,7 +254,8 @@ def test_unknown_backend_is_refused(tmp_path, capfd):
     """What holds today: a non-zero exit that names the bad value, no traceback, nothing written."""
     path = write_zoo(tmp_path)
     before = digest(path)
-    code, out, err = call(["optimize", path, "--target", "2", "--backend", "tpu-9000", "-o", tmp_path / "o.onnx"], capfd)
+    code, out, err = call(["optimize", path, "--target", "2", "--backend", "tpu-9000", "-o", tmp_path / "o.onnx"],
+                          capfd)
     assert code != 0 and "tpu-9000" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert digest(path) == before and not (tmp_path / "o.onnx").exists()
 

@@ -18,15 +18,15 @@ import os
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-
 from fuzz_graphs import random_graph
+
 from lmopt.analysis import analyse
+from lmopt.apply import apply_candidates
 from lmopt.candidates import enumerate_candidates
-from lmopt.passes.merge_runs import merge_linear_runs
 from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise
-from lmopt.apply import apply_candidates
 from lmopt.passes.merge import BlockBuilder
+from lmopt.passes.merge_runs import merge_linear_runs
 from lmopt.runtime import session
 
 TOL = 1e-4

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import event as _event
 from hypothesis import note as _note
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for `chains` under any import mode
 
@@ -34,6 +34,7 @@ from chains import (  # noqa: E402
     run,
     single_conv_model,
 )
+
 from lmopt.algebra.linear import (  # noqa: E402
     ConvSpec,
     DenseSpec,

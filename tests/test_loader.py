@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from chains import assert_close, rel_err
 from chains import run as _run
+from onnx import TensorProto, helper, numpy_helper
+
 from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise, parse_input_shapes
 from lmopt.onnxio import DEFAULT_OPSET, max_ir_version
@@ -162,7 +162,8 @@ def test_constant_node_feeding_conv_weight_is_folded():
 @pytest.mark.parametrize("ir_version", [8, None])  # None: what onnx.helper writes (IR 14 with onnx 1.23)
 def test_constant_subgraph_folded_at_new_ir_version(ir_version):
     """Constant -> Mul -> Conv weight folds to one initializer, also for a model whose IR version is
-    newer than onnxruntime loads (the folder runs ORT: it used to fail silently there)."""
+    newer than onnxruntime loads (the folder runs ORT, which refuses such a model: folding must not
+    silently give up there)."""
     rng = np.random.default_rng(7)
     weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     nodes = [helper.make_node("Constant", [], ["W0"], value=numpy_helper.from_array(weight)),
@@ -223,7 +224,8 @@ def dynamic_model():
     rng = np.random.default_rng(11)
     nodes = [helper.make_node("Conv", ["images", "W"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["out"])]
-    graph = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", 32])],
+    graph = helper.make_graph(nodes, "dyn",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", 32])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, "H", 32])],
                               [f32("W", rng.standard_normal((4, 3, 3, 3)))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])

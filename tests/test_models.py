@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from lmopt.onnxio import DEFAULT_OPSET, max_ir_version
 import models.build as build_script
+from lmopt.onnxio import DEFAULT_OPSET, max_ir_version
 from models import zoo
 from models.pretrained import NAMES as PRETRAINED_NAMES
 from models.pretrained import find_pretrained
@@ -190,7 +190,8 @@ def test_vgg_classifier(built):
     model = built("vgg19_bn")
     chain = [n.op_type for n in model.graph.node]
     tail = chain[chain.index("Flatten"):]
-    assert [t for t in tail if t != "Constant"] == ["Flatten", "Gemm", "Relu", "Dropout", "Gemm", "Relu", "Dropout", "Gemm"]
+    assert [t for t in tail if t != "Constant"] == ["Flatten", "Gemm", "Relu", "Dropout", "Gemm", "Relu", "Dropout",
+                                                    "Gemm"]
     assert _ops(model)["MaxPool"] == 5
     inits = {t.name: t for t in model.graph.initializer}
     assert list(inits["classifier.0.weight"].dims) == [4096, 512]  # 512 x 1 x 1 at 32 (25088 at 224)

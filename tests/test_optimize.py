@@ -7,11 +7,11 @@ import onnx
 import pytest
 
 import lmopt
+from lmopt.calib import study_data
 from lmopt.cli import main
 from lmopt.errors import LmoptError
-from lmopt.onnxio import save_model
-from lmopt.calib import study_data
 from lmopt.metrics import compare
+from lmopt.onnxio import save_model
 from lmopt.optimizer import Study
 from lmopt.prepare import prepare
 from lmopt.report import op_table

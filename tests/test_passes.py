@@ -15,17 +15,16 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
+from chains import assert_close, conv_chain_model, dense_matmul_model, gemm_chain_model, random_conv, rel_err
 from onnx import TensorProto, helper, numpy_helper
 
-from chains import assert_close, conv_chain_model, dense_matmul_model, gemm_chain_model, random_conv, rel_err
+from lmopt.algebra.linear import border_band
 from lmopt.analysis import Chain, analyse
-from lmopt.candidates import (Candidate, branch_start, enumerate_candidates, removed_activations,
-                              removed_branches)
+from lmopt.candidates import Candidate, branch_start, enumerate_candidates, removed_activations, removed_branches
 from lmopt.loader import canonicalise
 from lmopt.onnxio import max_ir_version
 from lmopt.passes.activations import without_activations
 from lmopt.passes.cleanup import finish
-from lmopt.algebra.linear import border_band
 from lmopt.passes.merge import rewrite_block
 from lmopt.passes.merge_runs import merge_linear_runs
 from models import zoo
@@ -270,7 +269,10 @@ def test_merge_exact_on_activation_free_zoo_models(name):
     assert_close(run(merged, x), reference, TOL, name)
     assert rel_err(reference, original_output(name)) > 10 * TOL  # activations were really removed
     merged_layers = sum(len(r["layers"]) for r in chosen)
-    linear = lambda m: sum(1 for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul"))
+
+    def linear(m):
+        return sum(1 for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul"))
+
     assert linear(merged) == linear(noact) - merged_layers + len(chosen)
 
 
@@ -301,7 +303,10 @@ def test_merge_exact_conv_runs_equal_the_unmerged_model(name, predicate, runs):
     onnx.checker.check_model(merged)
     x = feed_of(name)
     assert_close(run(merged, x), run(partial, x), TOL, name)
-    convs = lambda m: sum(1 for n in m.graph.node if n.op_type == "Conv")
+
+    def convs(m):
+        return sum(1 for n in m.graph.node if n.op_type == "Conv")
+
     assert convs(merged) == convs(partial) - sum(len(r["layers"]) - 1 for r in chosen)
 
 
@@ -323,13 +328,15 @@ EXACT_CHAINS = [
                                  random_conv(r, 8, 6, (1, 1)), random_conv(r, 6, 5, (1, 1))], (1, 3, 9, 9), None),
     ("1x1-1x1+identity", lambda r: [random_conv(r, 6, 12, (1, 1)), random_conv(r, 12, 6, (1, 1))],
      (1, 6, 7, 7), lambda r: "identity"),
-    ("3x3s2p1-1x1+projection", lambda r: [random_conv(r, 4, 8, (3, 3), strides=(2, 2), pads_begin=(1, 1), pads_end=(1, 1)),
+    ("3x3s2p1-1x1+projection", lambda r: [random_conv(r, 4, 8, (3, 3), strides=(2, 2), pads_begin=(1, 1),
+                                                      pads_end=(1, 1)),
                                           random_conv(r, 8, 8, (1, 1))],
      (1, 4, 10, 10), lambda r: random_conv(r, 4, 8, (1, 1), strides=(2, 2))),
     ("dw3x3p1-dw1x1-1x1", lambda r: [random_conv(r, 8, 8, (3, 3), pads_begin=(1, 1), pads_end=(1, 1), group=8),
                                      random_conv(r, 8, 8, (1, 1), group=8), random_conv(r, 8, 4, (1, 1))],
      (1, 8, 6, 6), None),
-    ("3x3 dilated 2 - 1x1 strided", lambda r: [random_conv(r, 3, 4, (3, 3), dilations=(2, 2), pads_begin=(2, 2), pads_end=(2, 2)),
+    ("3x3 dilated 2 - 1x1 strided", lambda r: [random_conv(r, 3, 4, (3, 3), dilations=(2, 2), pads_begin=(2, 2),
+                                                           pads_end=(2, 2)),
                                                random_conv(r, 4, 4, (1, 1), strides=(2, 2))], (1, 3, 11, 11), None),
 ]
 
@@ -378,7 +385,8 @@ def test_exact_merge_of_matmul_chain_with_residual():
     model = canonicalise(dense_matmul_model(layers, (1, 5, 12), residual=True))[0]
     merged, chosen, _ = merge_linear_runs(model, allow_inexact=False)
     assert len(chosen) == 1
-    assert sorted(n.op_type for n in merged.graph.node if n.op_type != "Identity") == ["Add", "MatMul"]  # x @ (W1 W2 + I) + b
+    # x @ (W1 W2 + I) + b
+    assert sorted(n.op_type for n in merged.graph.node if n.op_type != "Identity") == ["Add", "MatMul"]
     x = rng.standard_normal((1, 5, 12)).astype(np.float32)
     assert_close(checked_run(merged, x), run(model, x), TOL)
 
@@ -388,9 +396,11 @@ INEXACT_CHAINS = [
     ("3x3p1-3x3p1", lambda r: [random_conv(r, 4, 6, (3, 3), pads_begin=(1, 1), pads_end=(1, 1)),
                                random_conv(r, 6, 5, (3, 3), pads_begin=(1, 1), pads_end=(1, 1))], (1, 4, 12, 12), None),
     ("basic-block", lambda r: [random_conv(r, 4, 4, (3, 3), pads_begin=(1, 1), pads_end=(1, 1)),
-                               random_conv(r, 4, 4, (3, 3), pads_begin=(1, 1), pads_end=(1, 1))], (1, 4, 12, 12), "identity"),
+                               random_conv(r, 4, 4, (3, 3), pads_begin=(1, 1), pads_end=(1, 1))],
+     (1, 4, 12, 12), "identity"),
     ("1x1-dw3x3s2-1x1", lambda r: [random_conv(r, 4, 8, (1, 1)),
-                                   random_conv(r, 8, 8, (3, 3), strides=(2, 2), pads_begin=(1, 1), pads_end=(1, 1), group=8),
+                                   random_conv(r, 8, 8, (3, 3), strides=(2, 2), pads_begin=(1, 1), pads_end=(1, 1),
+                                               group=8),
                                    random_conv(r, 8, 4, (1, 1))], (1, 4, 13, 13), None),
     ("5x5p2-3x3s2p1", lambda r: [random_conv(r, 3, 4, (5, 5), pads_begin=(2, 2), pads_end=(2, 2)),
                                  random_conv(r, 4, 4, (3, 3), strides=(2, 2), pads_begin=(1, 1), pads_end=(1, 1))],
@@ -535,10 +545,13 @@ def test_rewrite_of_enumerated_candidates(name):
 
 
 def test_merge_keeps_the_models_float_type():
-    """An fp16 model merges into fp16 weights (they used to be written as float32: invalid model).
+    """An fp16 model merges into fp16 weights (float32 weights in an fp16 graph make an invalid model).
     Tolerance 3e-3: a few fp16 roundings (eps 9.8e-4) of an 8-term sum."""
     rng = np.random.default_rng(0)
-    h = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float16), name)
+
+    def h(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float16), name)
+
     nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["a"], pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["a", "W2"], ["y"])]
     graph = helper.make_graph(nodes, "fp16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],

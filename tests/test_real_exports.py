@@ -26,7 +26,7 @@ def ocr_model(name: str):
 
 @pytest.mark.parametrize("name", sorted(OCR_MODELS))
 def test_inspect_runs_on_paddle_ocr_models(name, capfd):
-    """The PP-OCRv4 recogniser used to end in an IndexError: onnx leaves its neck without shapes."""
+    """Including the PP-OCRv4 recogniser, whose neck onnx's shape inference leaves without shapes."""
     code = main(["inspect", str(ocr_model(name)), "--input-shape", OCR_MODELS[name], "--json"])
     out, err = capfd.readouterr()
     assert code == 0 and err == "", err

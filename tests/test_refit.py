@@ -1,9 +1,10 @@
 """Least-squares refit: exact where the block is linear, and never worse than the composed
 weights on the data it was fitted on."""
 import numpy as np
-from hypothesis import given, settings, strategies as st
-
 from chains import run, single_conv_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from lmopt.algebra.linear import ConvSpec, DenseSpec, compose_convs
 from lmopt.algebra.refit import refit_conv, refit_dense
 
@@ -22,7 +23,8 @@ def test_refit_recovers_a_linear_block(seed, stride, pad, depthwise, size):
     group = channels if depthwise else 1
     first = ConvSpec(rng.standard_normal((channels, channels // group, 3, 3)), rng.standard_normal(channels),
                      (stride, stride), (pad, pad), (pad, pad), (1, 1), group)
-    second = ConvSpec(rng.standard_normal((3, channels, 1, 1)), rng.standard_normal(3), (1, 1), (0, 0), (0, 0), (1, 1), 1)
+    second = ConvSpec(rng.standard_normal((3, channels, 1, 1)), rng.standard_normal(3), (1, 1), (0, 0), (0, 0),
+                      (1, 1), 1)
     merged = compose_convs(first, second, (size, size))
     x = rng.standard_normal((16, channels, size, size)).astype(np.float32)
     y = conv_outputs(merged, x)

@@ -6,13 +6,13 @@ import pytest
 
 import lmopt.repair as repair_module
 from lmopt.analysis import analyse
+from lmopt.apply import apply_candidates
 from lmopt.calib import calibration_sets
 from lmopt.candidates import enumerate_candidates
 from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise
-from lmopt.apply import apply_candidates
-from lmopt.repair import affine_fit, repair, run_with_outputs
 from lmopt.metrics import compare, damage
+from lmopt.repair import affine_fit, repair, run_with_outputs
 from models.zoo import build, smooth_images
 
 

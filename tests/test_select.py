@@ -10,7 +10,6 @@ import pytest
 from lmopt.candidates import Candidate
 from lmopt.select import METHODS, fastest, method_filter, select
 
-
 # --------------------------------------------------------------------------- brute force
 
 

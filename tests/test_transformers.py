@@ -7,17 +7,17 @@ import onnxruntime as ort
 import pytest
 from encoders import tiny_bert, token_feeds
 
+from lmopt.apply import apply_candidates
 from lmopt.calib import load_calibration
 from lmopt.cli import main
 from lmopt.errors import LmoptError
 from lmopt.inputs import random_feeds, vocabulary_size
 from lmopt.loader import canonicalise
+from lmopt.metrics import compare, damage
 from lmopt.onnxio import save_model
 from lmopt.optimizer import Study
-from lmopt.profile import boundary_corrected, tensor_size
 from lmopt.outputs import float_outputs, output_kind, primary_first
-from lmopt.apply import apply_candidates
-from lmopt.metrics import compare, damage
+from lmopt.profile import boundary_corrected, tensor_size
 from lmopt.runtime import run_outputs
 
 FAST = {"runs": 3, "min_time_s": 0.0, "warmup_s": 0.0}
@@ -113,7 +113,8 @@ def test_tensor_size_and_boundary_correction_with_symbolic_dims(study):
     for vi in model.graph.value_info:            # as real exports leave some dims unresolved
         if vi.type.tensor_type.shape.dim:
             vi.type.tensor_type.shape.dim[0].dim_param = "unk__1"
-    corrected = boundary_corrected(model, study.prepared.analysis, study.prepared.candidates, study.latency.timed_ms, study.latency.chain_ms)
+    corrected = boundary_corrected(model, study.prepared.analysis, study.prepared.candidates, study.latency.timed_ms,
+                                   study.latency.chain_ms)
     assert set(corrected) == {c.key for c in study.prepared.candidates}
     assert all(np.isfinite(v) and v >= 0 for v in corrected.values())
 
@@ -223,8 +224,8 @@ def test_dense_models_get_block_latencies_in_context(study):
     assert study.latency.estimate_ms == pytest.approx(study.latency.fixed_ms + original)
     if study.latency.scale != 1.0:
         assert study.latency.estimate_ms == pytest.approx(study.latency.whole_ms)
-        corrected = boundary_corrected(study.prepared.model, study.prepared.analysis, study.prepared.candidates, study.latency.timed_ms,
-                                       study.latency.chain_ms)
+        corrected = boundary_corrected(study.prepared.model, study.prepared.analysis, study.prepared.candidates,
+                                       study.latency.timed_ms, study.latency.chain_ms)
         for key, ms in corrected.items():
             assert study.latency.block_ms[key] == pytest.approx(study.latency.scale * ms)
 
@@ -273,8 +274,10 @@ def test_low_rank_collapse_is_a_candidate_and_its_graph_is_the_factored_map(tmp_
     factored = apply_candidates(study.prepared.model, study.prepared.analysis, [low])
     ops = [n.op_type for n in factored.graph.node]
     assert ops.count("MatMul") == sum(n.op_type == "MatMul" for n in study.prepared.model.graph.node)  # 2 -> 2 layers
-    merged, _ = BlockBuilder(gs.import_onnx(study.prepared.model), study.prepared.analysis.chains[full.chain], full).build()
-    dense = apply_candidates(study.prepared.model, study.prepared.analysis, [full], {full.key: truncated(merged, 8).dense()})
+    merged, _ = BlockBuilder(gs.import_onnx(study.prepared.model), study.prepared.analysis.chains[full.chain],
+                             full).build()
+    dense = apply_candidates(study.prepared.model, study.prepared.analysis, [full],
+                             {full.key: truncated(merged, 8).dense()})
     names = ["sentence_embedding"]
     a = ort.InferenceSession(factored.SerializeToString())
     b = ort.InferenceSession(dense.SerializeToString())

@@ -20,6 +20,7 @@ border band of the output (see :func:`border_band`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 from itertools import product
@@ -109,7 +110,7 @@ class ConvSpec:
         """Receptive extent of one output per dim: d*(k-1) + 1."""
         return tuple(d * (k - 1) + 1 for d, k in zip(self.dilations, self.kernel_shape))
 
-    def output_spatial(self, in_spatial) -> tuple[int, ...]:
+    def output_spatial(self, in_spatial: Sequence[int]) -> tuple[int, ...]:
         """ONNX Conv output size; ValueError when some dim would be empty."""
         in_spatial = _int_tuple(in_spatial, self.ndim, "in_spatial")
         out = tuple(
@@ -209,7 +210,7 @@ def _gcd_steps(*steps: int) -> int:
     return g if g > 0 else 1
 
 
-def compose_convs(first: ConvSpec, second: ConvSpec, in_spatial) -> ConvSpec:
+def compose_convs(first: ConvSpec, second: ConvSpec, in_spatial: Sequence[int]) -> ConvSpec:
     """second(first(x)) as one conv on x (input spatial size `in_spatial`).
 
     Exact when `second` has no padding; otherwise equal to the chain with all padding moved to
@@ -272,7 +273,7 @@ def compose_convs(first: ConvSpec, second: ConvSpec, in_spatial) -> ConvSpec:
     return ConvSpec(weight, bias, strides, pads_begin, pads_end, dil, group)
 
 
-def compose_chain(specs: list[ConvSpec], in_spatial) -> ConvSpec:
+def compose_chain(specs: list[ConvSpec], in_spatial: Sequence[int]) -> ConvSpec:
     """Fold a whole chain left to right with :func:`compose_convs`."""
     if not specs:
         raise ValueError("empty chain")
@@ -286,7 +287,7 @@ def compose_chain(specs: list[ConvSpec], in_spatial) -> ConvSpec:
     return merged
 
 
-def add_convs(a: ConvSpec, b: ConvSpec, in_spatial) -> ConvSpec:
+def add_convs(a: ConvSpec, b: ConvSpec, in_spatial: Sequence[int]) -> ConvSpec:
     """a(x) + b(x) as one conv (same input, strides and output size); always exact."""
     if a.ndim != b.ndim:
         raise ValueError(f"cannot add a {a.ndim}-d conv and a {b.ndim}-d conv")
@@ -402,7 +403,8 @@ def add_dense(a: DenseSpec, b: DenseSpec) -> DenseSpec:
     return DenseSpec(a.weight + b.weight, a.bias + b.bias)
 
 
-def dense_from_gemm(weight_B, bias_C, trans_b: bool, alpha: float = 1.0, beta: float = 1.0) -> DenseSpec:
+def dense_from_gemm(weight_B: np.ndarray, bias_C: np.ndarray | None, trans_b: bool,
+                    alpha: float = 1.0, beta: float = 1.0) -> DenseSpec:
     """Gemm(A, B, C) with transA = 0: y = alpha * A @ op(B) + beta * C.
 
     C may be absent (None), a scalar, (out,) or (1, out); a C with one row per batch row

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from ..errors import LmoptError, one_line
 
@@ -17,7 +18,7 @@ TOOLS = ["inspect", "merge", "profile", "optimize", "build"]
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (not argparse's usage block), exit code 2."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("LMOPT_DEBUG"):
             raise
-        print(f"lmopt {args.tool}: internal error: {type(exc).__name__}: {one_line(exc)} (LMOPT_DEBUG=1 shows the traceback)",
+        print(f"lmopt {args.tool}: internal error: {type(exc).__name__}: {one_line(exc)} "
+              "(LMOPT_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 2
 

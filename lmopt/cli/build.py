@@ -16,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("model", help="ONNX model (fixed input shapes)")
     parser.add_argument("-o", "--output", required=True, metavar="ENGINE", help="engine file to write")
     parser.add_argument("--fp16", action="store_true",
-                        help="fp16 engine (TensorRT 10: the FP16 builder flag; TensorRT 11: an fp16 ONNX, strongly typed)")
+                        help="fp16 engine (TensorRT 10: the FP16 builder flag; TensorRT 11: an fp16 ONNX, "
+                             "strongly typed)")
     parser.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace limit in MiB")
     parser.add_argument("--timing-cache", metavar="PATH",
                         help="TensorRT timing cache to read and update (speeds up rebuilds)")

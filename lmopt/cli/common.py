@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import onnx
+
 from ..errors import LmoptError
 from ..loader import canonicalise, parse_input_shapes
 from ..onnxio import check_writable
@@ -24,10 +26,10 @@ def check_output(model: str, output: str | Path, flag: str = "-o") -> Path:
     return check_writable(output, flag)
 
 
-def load_canonical(args):
+def load_canonical(args: argparse.Namespace) -> tuple[onnx.ModelProto, dict]:
     return canonicalise(args.model, parse_input_shapes(args.input_shape))
 
 
-def print_json(data) -> None:
+def print_json(data: object) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

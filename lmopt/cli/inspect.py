@@ -1,9 +1,10 @@
 """`lmopt inspect`: the chains, layers, activations, residual spans and candidates lmopt finds."""
 from __future__ import annotations
 
+import onnx
 import onnx_graphsurgeon as gs
 
-from ..analysis import analyse
+from ..analysis import Unit, analyse
 from ..candidates import enumerate_candidates
 from .common import add_model_arguments, load_canonical, print_json
 
@@ -16,7 +17,7 @@ def add_parser(subparsers):
     return parser
 
 
-def layer_text(unit, nodes) -> str:
+def layer_text(unit: Unit, nodes: dict[str, gs.Node]) -> str:
     node = nodes[unit.layer]
     if unit.op == "Conv":
         weight = node.inputs[1].shape
@@ -32,7 +33,7 @@ def _width(shape: tuple) -> str:
     return str(shape[-1]) if shape and shape[-1] is not None else "?"
 
 
-def summary(model, steps, max_kernel: int) -> dict:
+def summary(model: onnx.ModelProto, steps: dict, max_kernel: int) -> dict:
     analysis = analyse(model)
     graph = gs.import_onnx(model)
     nodes = {n.name: n for n in graph.nodes}
@@ -81,7 +82,8 @@ def run(args) -> int:
         print(f"\nchain {chain['chain']} ({chain['kind']}, {chain['layers']} layers, "
               f"{chain['blocks']} blocks, {chain['candidates']} candidates)")
         for unit in chain["units"]:
-            extra = f"  + {unit['shortcut']} shortcut from position {unit['residual_from']}" if "shortcut" in unit else ""
+            extra = (f"  + {unit['shortcut']} shortcut from position {unit['residual_from']}"
+                     if "shortcut" in unit else "")
             act = unit["activation"] or "-"
             print(f"  {unit['unit']:>3}  {unit['what']:<24} {act:<10}{extra}")
     if info["unsupported"]:

@@ -6,9 +6,9 @@ import numpy as np
 from ..dynamic import keep_dynamic_batch
 from ..errors import LmoptError
 from ..inputs import random_feeds
+from ..metrics import compare_named
 from ..onnxio import load_model, save_model
 from ..passes.merge_runs import merge_linear_runs
-from ..metrics import compare_named
 from ..report import format_op_table, op_table
 from ..runtime import run_named
 from .common import add_model_arguments, check_output, load_canonical, print_json

@@ -26,7 +26,8 @@ def parse_target(text: str) -> float:
 
 def add_backend_arguments(parser) -> None:
     parser.add_argument("--backend", choices=list(BACKENDS), default=None,
-                        help="runtime whose latency counts (default: TensorRT with a GPU, else torch-cuda, else ort-cpu)")
+                        help="runtime whose latency counts (default: TensorRT with a GPU, else torch-cuda, else "
+                             "ort-cpu)")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="precision to time in")
     parser.add_argument("--threads", type=int, default=None, help="ort-cpu: intra-op threads (default: physical cores)")
     parser.add_argument("--max-kernel", type=int, default=7, help="largest merged kernel considered (default 7)")
@@ -46,7 +47,8 @@ def add_parser(subparsers):
     parser.add_argument("--target", required=True, help="speed-up to reach, e.g. 1.5 or 2x")
     parser.add_argument("-o", "--output", help="optimized model path (default: MODEL.lmopt.onnx)")
     parser.add_argument("--method", choices=METHODS, default="layermerge",
-                        help="layermerge (default); kim2023: activation removal + merging only; prune: layer pruning only")
+                        help="layermerge (default); kim2023: activation removal + merging only; prune: layer "
+                             "pruning only")
     add_backend_arguments(parser)
     parser.add_argument("--latency-table", help="plan from a table written by `lmopt profile` (e.g. on a Jetson)")
     parser.add_argument("--calib", help="folder of images or .npy/.npz arrays (default: random inputs)")
@@ -62,7 +64,8 @@ def add_parser(subparsers):
     parser.add_argument("--std", default="0.229,0.224,0.225", help="image preprocessing std")
     parser.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="image input layout")
     parser.add_argument("--no-refit", action="store_true",
-                        help="keep the composed weights of merged layers (default: least-squares refit on calibration data)")
+                        help="keep the composed weights of merged layers "
+                             "(default: least-squares refit on calibration data)")
     parser.add_argument("--repair", action="store_true",
                         help="closed-form repair in context after the plan is applied (off by default: on real "
                              "pretrained CNNs it moved held-out images away from the original, see bench/RESULTS.md)")
@@ -72,7 +75,8 @@ def add_parser(subparsers):
                         help="label-free distillation from the original after repair (needs lmopt[torch])")
     parser.add_argument("--distill-minutes", type=float, default=10.0, help="time bound of --distill (default 10)")
     parser.add_argument("--no-measure", action="store_true", help="skip the end-to-end measurement")
-    parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the report as JSON (to PATH, or stdout)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write the report as JSON (to PATH, or stdout)")
     parser.add_argument("--best-effort", action="store_true",
                         help="when the target is out of reach, write the fastest plan found and exit 0 "
                              "(default: say so and exit 1 without writing)")
@@ -105,9 +109,11 @@ def run(args) -> int:
     model, report = optimize(
         args.model, target, method=args.method, backend=args.backend, calib=args.calib, preprocess=prep,
         calib_count=args.calib_count, eval_count=args.eval_count, eval_data=args.eval_data,
-        repair=args.repair, distill_minutes=args.distill_minutes if args.distill else 0.0, input_shapes=parse_input_shapes(args.input_shape),
+        repair=args.repair, distill_minutes=args.distill_minutes if args.distill else 0.0,
+        input_shapes=parse_input_shapes(args.input_shape),
         latency_table=args.latency_table, max_kernel=args.max_kernel, cache_path=False if args.no_cache else None,
-        measure=not args.no_measure, rounds=args.rounds, refit=not args.no_refit, progress=not args.quiet, backend_options=backend_options(args))
+        measure=not args.no_measure, rounds=args.rounds, refit=not args.no_refit, progress=not args.quiet,
+        backend_options=backend_options(args))
     if not report.target_met:
         reached = f"the fastest plan found gives about {report.predicted_speedup:.2f}x (predicted)"
         if not args.best_effort:

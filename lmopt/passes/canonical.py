@@ -20,8 +20,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import one_line
-from ..graph import (constant_values, copy_model, infer_shapes, remove_passthrough_nodes, replace_uses,
-                     shape_known, to_graph, to_model, unique_node_names)
+from ..graph import (
+    constant_values,
+    copy_model,
+    infer_shapes,
+    remove_passthrough_nodes,
+    replace_uses,
+    shape_known,
+    to_graph,
+    to_model,
+    unique_node_names,
+)
 from ..inputs import random_feeds
 from ..onnxio import runtime_compatible
 from .base import GraphPass, ModelPass

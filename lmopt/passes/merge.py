@@ -9,13 +9,25 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..algebra import LayerSpec
+from ..algebra.linear import (
+    ConvSpec,
+    DenseSpec,
+    add_convs,
+    add_dense,
+    chain_is_exact,
+    compose_convs,
+    compose_dense,
+    dense_from_gemm,
+    identity_conv,
+    identity_dense,
+)
+from ..algebra.lowrank import LowRankSpec, truncated
 from ..analysis import Chain, Skip
 from ..candidates import Candidate, branch_start, removed_branches
 from ..graph import constant_values
-from ..algebra.linear import (ConvSpec, DenseSpec, add_convs, add_dense, chain_is_exact, compose_convs,
-                     compose_dense, dense_from_gemm, identity_conv, identity_dense)
-from ..algebra.lowrank import LowRankSpec, truncated
 
+Operator = ConvSpec | DenseSpec | None  # None: the identity (nothing merged yet)
 ZERO = "zero"  # the block contributes nothing from its input (a removed residual branch)
 
 
@@ -50,15 +62,15 @@ class BlockBuilder:
         self.in_shape = tuple(first.shape)
         self.channels = self.in_shape[1] if chain.kind == "conv" else self.in_shape[-1]
 
-    def spec(self, name: str, bias_add: str | None = None):
+    def spec(self, name: str, bias_add: str | None = None) -> ConvSpec | DenseSpec:
         return layer_spec(self.nodes[name], self.nodes[bias_add] if bias_add else None)
 
-    def identity(self):
+    def identity(self) -> ConvSpec | DenseSpec:
         if self.chain.kind == "conv":
             return identity_conv(self.channels, len(self.in_shape) - 2)
         return identity_dense(self.channels)
 
-    def compose(self, first, second):
+    def compose(self, first: Operator, second: Operator) -> Operator:
         if first is None:
             return second
         if second is None:
@@ -67,18 +79,18 @@ class BlockBuilder:
             return compose_convs(first, second, self.in_shape[2:])
         return compose_dense(first, second)
 
-    def add(self, a, b):
+    def add(self, a: Operator, b: Operator) -> Operator:
         a = self.identity() if a is None else a
         b = self.identity() if b is None else b
         if self.chain.kind == "conv":
             return add_convs(a, b, self.in_shape[2:])
         return add_dense(a, b)
 
-    def shortcut(self, skip: Skip, at_source):
+    def shortcut(self, skip: Skip, at_source: Operator) -> Operator:
         proj = self.spec(skip.projection) if skip.projection else None
         return self.compose(at_source, proj)
 
-    def build(self):
+    def build(self) -> tuple[Operator | str, Skip | None]:
         """(operator from x_start or None for identity or ZERO, explicit Skip kept as an Add or None)."""
         chain, cand = self.chain, self.cand
         branches = set(removed_branches(chain, cand))
@@ -120,7 +132,7 @@ def rewrite_prefix(cand: Candidate) -> str:
     return f"lmopt[{cand.key}]/"
 
 
-def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate, operator=None) -> None:
+def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate, operator: LayerSpec | None = None) -> None:
     """Replace the producer of unit `end`'s pre-activation tensor by the merged block. `operator`
     overrides the merged layer's weights (a least-squares refit of the same shape)."""
     builder = BlockBuilder(graph, chain, cand)
@@ -144,8 +156,7 @@ def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate, operator=None)
             graph.nodes.append(gs.Node("Identity", f"{prefix}Identity", {}, [source], [target]))
         return
     value = target if skip_tensor is None else gs.Variable(f"{prefix}out", dtype=dtype, shape=target.shape)
-    # Fix (tests/test_passes.py::test_merge_keeps_the_models_float_type): weights used to be written
-    # as float32 whatever the model's type, which made an fp16 model invalid. Keep the block's.
+    # Weights in the block's own float type: float32 weights in an fp16 model make it invalid.
     wdtype = constant_values(builder.nodes[chain.units[cand.start].layer].inputs[1]).dtype
     bias = gs.Constant(f"{prefix}bias", operator.bias.astype(wdtype))
     if isinstance(operator, LowRankSpec):

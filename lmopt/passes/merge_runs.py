@@ -8,12 +8,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..analysis import analyse
-from ..candidates import Candidate, merge_runs
 from ..apply import apply_candidates
+from ..candidates import Candidate, merge_runs
 from .merge import BlockBuilder
 
 
-def merge_linear_runs(model: onnx.ModelProto, allow_inexact: bool = False) -> tuple[onnx.ModelProto, list[dict], list[dict]]:
+def merge_linear_runs(model: onnx.ModelProto,
+                      allow_inexact: bool = False) -> tuple[onnx.ModelProto, list[dict], list[dict]]:
     """(merged model, merged runs, runs left alone) for a canonical model."""
     analysis = analyse(model)
     graph = gs.import_onnx(model)
