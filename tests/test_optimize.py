@@ -10,6 +10,7 @@ import lmopt
 from lmopt.calib import study_data
 from lmopt.cli import main
 from lmopt.errors import LmoptError
+from lmopt.latency.signature import model_fingerprint
 from lmopt.metrics import compare
 from lmopt.onnxio import save_model
 from lmopt.optimizer import Study
@@ -117,12 +118,6 @@ def test_warm_run_retimes_and_rescores_nothing(small_resnet, tmp_path, monkeypat
         calls["measure"] += 1
         return original(self, model)
 
-    monkeypatch.setattr(ort_cpu.OrtCpuBackend, "measure", counting)
-    cache = tmp_path / "latency.sqlite"
-    options = dict(calib_count=2, eval_count=2, cache_path=cache, progress=False, backend_options=FAST)
-    Study(small_resnet, **options)
-    cold = calls["measure"]
-    calls["measure"] = 0
     scored = {"count": 0}
     original_score = Scorer.score
 
@@ -130,21 +125,34 @@ def test_warm_run_retimes_and_rescores_nothing(small_resnet, tmp_path, monkeypat
         scored["count"] += 1
         return original_score(self, *args)
 
+    monkeypatch.setattr(ort_cpu.OrtCpuBackend, "measure", counting)
     monkeypatch.setattr(Scorer, "score", counting_score)
+    cache = tmp_path / "latency.sqlite"
+    options = dict(calib_count=2, eval_count=2, cache_path=cache, progress=False, backend_options=FAST)
+    study = Study(small_resnet, **options)
+    assert calls["measure"] > 1
+    assert scored["count"] == sum(1 for c in study.prepared.candidates if not c.is_original)
+    calls["measure"] = scored["count"] = 0
     Study(small_resnet, **options)
     assert calls["measure"] == 0   # the whole model is cached like every block
     assert scored["count"] == 0    # nothing was re-scored
-    assert cold > 1
-    Study(small_resnet, **{**options, "calib_count": 3})  # other calibration data: scored again
-    assert scored["count"] > 0
 
 
-def test_profile_then_plan_from_the_table(small_resnet, tmp_path):
-    table = tmp_path / "table.json"
-    out = tmp_path / "fast.onnx"
+@pytest.fixture(scope="module")
+def profiled(small_resnet, tmp_path_factory):
+    """`lmopt profile` of small_resnet: the latency table's path."""
+    table = tmp_path_factory.mktemp("table") / "table.json"
     assert main(["profile", str(small_resnet), "-o", str(table), "-q", "--no-cache"]) == 0
+    return table
+
+
+def test_profile_then_plan_from_the_table(small_resnet, profiled, tmp_path):
+    table = profiled
+    out = tmp_path / "fast.onnx"
     data = json.loads(table.read_text())
     assert data["format"] == "lmopt-latency-table" and data["blocks"]
+    candidates = prepare(str(small_resnet)).candidates
+    assert {c.key for c in candidates} < set(data["blocks"]) and data["model_ms"] > 0
     assert main(["optimize", str(small_resnet), "--target", "1.2x", "--latency-table", str(table),
                  "-o", str(out), "-q", "--no-cache", "--calib-count", "2", "--eval-count", "2",
                  "--json", str(tmp_path / "report.json")]) == 0
@@ -154,12 +162,13 @@ def test_profile_then_plan_from_the_table(small_resnet, tmp_path):
     onnx.checker.check_model(onnx.load(out))
 
 
-def test_a_table_of_another_model_is_refused(small_resnet, tmp_path, capsys):
-    other = tmp_path / "other.onnx"
-    save_model(build("resnet18", image_size=32, seed=1), other)
+def test_a_table_of_another_model_is_refused(small_resnet, profiled, tmp_path, capsys):
+    # The same network with other weights: a table profiled on it carries that model's fingerprint.
+    other = prepare(build("resnet18", image_size=32, seed=1)).model
+    data = json.loads(profiled.read_text())
+    assert data["model_fingerprint"] != model_fingerprint(other)
     table = tmp_path / "table.json"
-    assert main(["profile", str(other), "-o", str(table), "-q", "--no-cache"]) == 0
-    capsys.readouterr()
+    table.write_text(json.dumps({**data, "model_fingerprint": model_fingerprint(other)}))
     code = main(["optimize", str(small_resnet), "--target", "1.2", "--latency-table", str(table),
                  "-o", str(tmp_path / "x.onnx"), "-q", "--no-cache"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -180,6 +189,8 @@ def test_python_api_returns_model_and_report(small_resnet, tmp_path):
 
 def test_calibration_arrays_drive_importance(small_resnet, tmp_path):
     prepared = prepare(str(small_resnet))
+    changes = [c for c in prepared.candidates if not c.is_original]
+    prepared.candidates = [c for c in prepared.candidates if c.is_original] + changes[::4]  # a sample is enough
     rng = np.random.default_rng(0)
     damages = []
     for name, scale in (("wide", 3.0), ("narrow", 0.1)):

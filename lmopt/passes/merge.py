@@ -27,8 +27,9 @@ from ..analysis import Chain, Skip
 from ..candidates import Candidate, branch_start, removed_branches
 from ..graph import constant_values
 
-Operator = ConvSpec | DenseSpec | None  # None: the identity (nothing merged yet)
+Operator = ConvSpec | DenseSpec | str | None  # None: the identity (nothing merged yet); ZERO; MERGED
 ZERO = "zero"  # the block contributes nothing from its input (a removed residual branch)
+MERGED = "merged"  # a composed operator whose weights were not computed (BlockBuilder, composing off)
 
 
 def layer_spec(node: gs.Node, bias_add: gs.Node | None = None) -> ConvSpec | DenseSpec:
@@ -52,10 +53,12 @@ def layer_spec(node: gs.Node, bias_add: gs.Node | None = None) -> ConvSpec | Den
 
 
 class BlockBuilder:
-    """Composes the linear operator of a block from x_start, with the graph's constants."""
+    """Composes the linear operator of a block from x_start, with the graph's constants. With
+    `composing` off it finds only the block's structure (whether anything of x_start survives, which
+    skip stays explicit): what a rewrite with given weights needs, without the cost of composing."""
 
-    def __init__(self, graph: gs.Graph, chain: Chain, cand: Candidate):
-        self.graph, self.chain, self.cand = graph, chain, cand
+    def __init__(self, graph: gs.Graph, chain: Chain, cand: Candidate, composing: bool = True):
+        self.graph, self.chain, self.cand, self.composing = graph, chain, cand, composing
         self.nodes = {n.name: n for n in graph.nodes}
         self.tensors = graph.tensors()
         first = self.tensors[chain.positions[cand.start]]
@@ -75,11 +78,15 @@ class BlockBuilder:
             return second
         if second is None:
             return first
+        if not self.composing:
+            return MERGED
         if self.chain.kind == "conv":
             return compose_convs(first, second, self.in_shape[2:])
         return compose_dense(first, second)
 
     def add(self, a: Operator, b: Operator) -> Operator:
+        if not self.composing:
+            return MERGED
         a = self.identity() if a is None else a
         b = self.identity() if b is None else b
         if self.chain.kind == "conv":
@@ -135,7 +142,7 @@ def rewrite_prefix(cand: Candidate) -> str:
 def rewrite_block(graph: gs.Graph, chain: Chain, cand: Candidate, operator: LayerSpec | None = None) -> None:
     """Replace the producer of unit `end`'s pre-activation tensor by the merged block. `operator`
     overrides the merged layer's weights (a least-squares refit of the same shape)."""
-    builder = BlockBuilder(graph, chain, cand)
+    builder = BlockBuilder(graph, chain, cand, composing=operator is None)
     merged, explicit = builder.build()
     operator = merged if operator is None else operator
     if cand.rank and isinstance(operator, DenseSpec):
