@@ -2,7 +2,7 @@
 
     prepare (lmopt.prepare) -> profile (lmopt.profile) -> score (lmopt.score, with refits)
     -> select (lmopt.select) -> apply (lmopt.apply) -> repair (lmopt.repair, lmopt.distill)
-    -> verify (lmopt.verify)
+    -> quantize (lmopt.quantize, at --precision int8) -> verify (lmopt.verify)
 
 A Study runs the stages up to scoring once; it then plans for any target, and for any method its
 candidates allow (the bench makes one study and plans every method from it).
@@ -22,6 +22,7 @@ from .latency.cache import LatencyCache
 from .outputs import restore_order
 from .prepare import prepare
 from .profile import LatencyTable, from_file, profile
+from .quantize import quantize_int8
 from .repair import repair as repair_in_context
 from .score import PlanChecker, Refits, score
 from .select import Plan, check_target, choose
@@ -43,6 +44,7 @@ class Study:
         started = time.perf_counter()
         self.source, self.method, self.progress = source, method, progress
         self.repair, self.distill_minutes = repair, distill_minutes
+        self.precision = (backend_options or {}).get("precision", "fp32")
         self.prepared = prepare(source, input_shapes, max_kernel, method)
         self.data = study_data(self.prepared.model, calib, calib_count, eval_count, preprocess, eval_data,
                                fitting=refit or repair or bool(distill_minutes))
@@ -57,13 +59,23 @@ class Study:
 
     def _latency(self, path: str | None, backend: str | None, options: dict,
                  cache: LatencyCache | None) -> tuple[LatencyBackend | None, LatencyTable]:
-        """(the runner that measures results here, or None; the latency table)."""
+        """(the runner that measures results here, or None; the latency table). At int8, results are
+        quantized before they are measured, so they are measured by the backend's fp32 twin."""
+        fp32 = {**options, "precision": "fp32"} if self.precision == "int8" else options
         if path is None:
             runner = get_backend(backend, **options)
-            return runner, profile(self.prepared, runner, cache, self.progress)
+            measurer = get_backend(backend, **fp32) if fp32 is not options else runner
+            return measurer, profile(self.prepared, runner, cache, self.progress, fp32_runner=measurer)
         table = from_file(self.prepared, path, backend)
         # Results are measured here only when the table was made on this machine.
-        return (get_backend(table.backend["backend"], **options) if _same_machine(table.backend) else None), table
+        return (get_backend(table.backend["backend"], **fp32) if _same_machine(table.backend) else None), table
+
+    def at_precision(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """`model` as it will run: at int8, quantized with the fitting half of the calibration data
+        (never the half that checks it)."""
+        if self.precision != "int8":
+            return model
+        return quantize_int8(model, self.data.fit or self.data.calibration)
 
     def build(self, changes: list) -> tuple[onnx.ModelProto, list]:
         """The canonical model with `changes` applied (with their refits), then repaired in context if asked."""
@@ -86,7 +98,7 @@ class Study:
         for round_index in range(rounds + 1):
             plan = choose(self.latency, self.prepared.chain_lengths, self.prepared.candidates, damages, target, method)
             optimized, repair_steps = self.build(plan.changes)
-            check = self.checker.damage(optimized)
+            check = self.checker.damage(self.at_precision(optimized))  # quantization in the loop
             history.append({"round": round_index, "changes": [c.key for c in plan.changes], "check_damage": check,
                             "predicted_speedup": plan.predicted_speedup})
             logger.info("lmopt: round %d: %d changes, damage on held-out calibration data %.4f", round_index,
@@ -114,14 +126,23 @@ class Study:
             features = [chains[c.chain].positions[c.end] for c in plan.changes]
             optimized, distilled = distill(self.prepared.model, optimized, features, self.data.fit, self.data.score,
                                            self.distill_minutes, progress=self.progress)
+        parts, baselines = {}, {}
+        if self.precision == "int8":
+            original = self.at_precision(self.prepared.model)
+            parts = {"depth": optimized, "precision": original}
+            baselines = {"int8 alone": original}
+            earlier["quantization"], optimized = optimized, self.at_precision(optimized)
         report = verify(self.prepared, self.latency, plan, optimized, self.data.eval, self.scores.damage,
-                        runner=self.runner if measure else None, earlier=earlier, target=target, rounds=history,
+                        runner=self.runner if measure else None, earlier=earlier, parts=parts, baselines=baselines,
+                        target=target, rounds=history,
                         repair=[step.to_json() for step in repair_steps] if repair_steps else None,
                         distill=None if distilled is None else distilled.to_json(),
                         importance_data=self.data.note, refit=self.refits.enabled,
                         seconds=round(self.seconds + time.perf_counter() - started, 1))
-        written, report.symbolic_dims = keep_symbolic(self.source, optimized, self.prepared.analysis, plan.changes,
-                                                      self.refits.of(plan.changes), self.data.eval)
+        written = None  # an int8 model is written at the planning shape
+        if self.precision != "int8":
+            written, report.symbolic_dims = keep_symbolic(self.source, optimized, self.prepared.analysis,
+                                                          plan.changes, self.refits.of(plan.changes), self.data.eval)
         return restore_order(written or optimized, self.prepared.output_order), report
 
 

@@ -32,8 +32,10 @@ MEASURED_HERE = "measured in this run"
 
 @dataclass
 class LatencyTable:
-    """Latencies (ms) a plan is chosen with. A plan's predicted time is fixed_ms + the sum of its
-    blocks' block_ms; the original plan's is estimate_ms."""
+    """Latencies (ms) a plan is chosen with, at one precision. A plan's predicted time is fixed_ms +
+    the sum of its blocks' block_ms; the original plan's is estimate_ms. Speed-ups are against the
+    fp32 original: at another precision, `precision_gain` (fp32 whole model / whole model at that
+    precision, both measured) carries the precision's part."""
     backend: dict  # the backend's cache key: name, device, precision, versions
     source: str  # MEASURED_HERE or the table file's path
     timed_ms: dict[str, float]  # candidate key -> as timed alone
@@ -43,13 +45,21 @@ class LatencyTable:
     fixed_ms: float  # what no candidate changes (pooling, reshapes, the head's glue)
     estimate_ms: float
     scale: float = 1.0  # dense models: cost in context / cost alone (see fit_in_context)
+    precision: str = "fp32"
+    precision_gain: float = 1.0
+
+    @property
+    def fp32_ms(self) -> float:
+        """The fp32 original, measured whole."""
+        return self.whole_ms * self.precision_gain
 
     def predicted_speedup(self, planned_ms: float) -> float:
-        return self.estimate_ms / (self.fixed_ms + planned_ms)
+        """Against the fp32 original."""
+        return self.precision_gain * self.estimate_ms / (self.fixed_ms + planned_ms)
 
     def budget(self, target: float) -> float:
-        """The summed block latency a plan may have to reach `target`."""
-        return self.estimate_ms / target - self.fixed_ms
+        """The summed block latency a plan may have to reach `target` (against the fp32 original)."""
+        return self.precision_gain * self.estimate_ms / target - self.fixed_ms
 
 
 def tensor_size(shape: Sequence | None) -> int:
@@ -135,14 +145,33 @@ def time_candidates(prepared: Prepared, runner: LatencyBackend, cache: LatencyCa
 
 
 def profile(prepared: Prepared, runner: LatencyBackend, cache: LatencyCache | None = None,
-            progress: bool = True) -> LatencyTable:
-    """Time every candidate block, each chain and the whole model on `runner` (see time_candidates)."""
+            progress: bool = True, fp32_runner: LatencyBackend | None = None) -> LatencyTable:
+    """Time every candidate block, each chain and the whole model on `runner` (see time_candidates);
+    when `runner` times another precision, the whole fp32 model too, on `fp32_runner`."""
     timed, _, whole_ms = time_candidates(prepared, runner, cache, progress)
     chain_ms = {c.index: timed.pop(f"chain:{c.index}") for c in prepared.analysis.chains}
     table = assemble(prepared, runner.cache_key(), MEASURED_HERE, timed, chain_ms, whole_ms)
+    if runner.precision != "fp32":
+        table = replace(table, precision=runner.precision,
+                        precision_gain=precision_gain(prepared.model, runner, fp32_runner, whole_ms, cache))
     if all(c.kind == "dense" for c in prepared.analysis.chains):
         table = fit_in_context(table, prepared, runner)
     return table
+
+
+def precision_gain(model: onnx.ModelProto, runner: LatencyBackend, fp32_runner: LatencyBackend, whole_ms: float,
+                   cache: LatencyCache | None) -> float:
+    """How much faster the whole model runs at `runner`'s precision than at fp32. At int8 it is
+    measured fresh, interleaved in one process with the model quantized as lmopt writes it (whole-model
+    times cached under other load would make the ratio drift); otherwise from the fp32 whole model's
+    time."""
+    if runner.precision == "int8":
+        from .inputs import random_feeds
+        from .quantize import quantize_int8
+
+        fp32_ms, int8_ms = fp32_runner.measure_interleaved([model, quantize_int8(model, random_feeds(model, 4))])
+        return fp32_ms / int8_ms
+    return profile_blocks({WHOLE_MODEL: model}, fp32_runner, cache, progress=False)[WHOLE_MODEL] / whole_ms
 
 
 def from_file(prepared: Prepared, path: str, backend: str | None = None) -> LatencyTable:
@@ -159,7 +188,13 @@ def from_file(prepared: Prepared, path: str, backend: str | None = None) -> Late
         raise LmoptError(f"{path} holds {table['backend']['backend']} latencies, not {backend}")
     timed = {c.key: table["blocks"][c.key]["ms"] for c in prepared.candidates}
     chain_ms = {c.index: table["blocks"][f"chain:{c.index}"]["ms"] for c in prepared.analysis.chains}
-    return assemble(prepared, table["backend"], str(path), timed, chain_ms, float(table["model_ms"]))
+    result = assemble(prepared, table["backend"], str(path), timed, chain_ms, float(table["model_ms"]))
+    precision = table["backend"].get("precision", "fp32")
+    if precision != "fp32":
+        if "model_fp32_ms" not in table:
+            raise LmoptError(f"{path} holds {precision} latencies without the fp32 model's: re-run lmopt profile")
+        result = replace(result, precision=precision, precision_gain=table["model_fp32_ms"] / result.whole_ms)
+    return result
 
 
 def two_point_fit(whole_ms: float, original_blocks_ms: float, fast_ms: float,
@@ -207,4 +242,8 @@ def profile_table(prepared: Prepared, backend_name: str | None = None, cache_pat
     backend = get_backend(backend_name, **backend_options)
     cache = LatencyCache(cache_path) if cache_path is not False else None
     timed, signatures, whole_ms = time_candidates(prepared, backend, cache, progress)
-    return {**make_table(prepared.model, backend.cache_key(), timed, signatures), "model_ms": whole_ms}
+    table = {**make_table(prepared.model, backend.cache_key(), timed, signatures), "model_ms": whole_ms}
+    if backend.precision != "fp32":  # speed-up targets are against the fp32 original
+        fp32 = get_backend(backend_name, **{**backend_options, "precision": "fp32"})
+        table["model_fp32_ms"] = profile_blocks({WHOLE_MODEL: prepared.model}, fp32, cache, progress=False)[WHOLE_MODEL]
+    return table

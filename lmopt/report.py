@@ -14,11 +14,69 @@ if TYPE_CHECKING:  # verify imports this module
     from .verify import Report
 
 
+# Bits per element of the types ONNX packs below a byte (two int4 values per byte, ...).
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                [("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+                 ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)] if hasattr(onnx.TensorProto, name)}
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> tuple[str, int]:
+    """(dtype name, bytes of its data) from the declared type and dims, so tensors stored externally count too."""
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return "string", sum(len(s) for s in tensor.string_data)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    bits = _PACKED_BITS.get(tensor.data_type, 8 * dtype.itemsize)
+    return dtype.name, (count * bits + 7) // 8
+
+
+# Constant's list and scalar attributes: (element type, element count).
+_SCALAR_CONSTANTS = {
+    "value_float": lambda a: (onnx.TensorProto.FLOAT, 1),
+    "value_floats": lambda a: (onnx.TensorProto.FLOAT, len(a.floats)),
+    "value_int": lambda a: (onnx.TensorProto.INT64, 1),
+    "value_ints": lambda a: (onnx.TensorProto.INT64, len(a.ints)),
+}
+
+
+def _constant_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """Initializers and Constant-node values of `graph` and its subgraphs (If/Loop/Scan bodies)."""
+    found = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.name == "value":
+                found.append(attr.t)
+            elif node.op_type == "Constant" and attr.name in _SCALAR_CONSTANTS:
+                kind, count = _SCALAR_CONSTANTS[attr.name](attr)
+                found.append(onnx.TensorProto(data_type=kind, dims=[count]))  # the size is all that is read
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                found += _constant_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                found += [t for g in attr.graphs for t in _constant_tensors(g)]
+    return found
+
+
+def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of the model's constant data by element type (initializers and Constant nodes, subgraphs
+    included), largest first: what the weights cost stored at their own precision, so the int8
+    weights of a QDQ model count 1 byte each (Deep Compression's measure of model size)."""
+    totals: Counter[str] = Counter()
+    for tensor in _constant_tensors(model.graph):
+        name, size = _tensor_bytes(tensor)
+        totals[name] += size
+    return dict(sorted(totals.items(), key=lambda item: (-item[1], item[0])))
+
+
 def op_table(model: onnx.ModelProto) -> dict:
+    """Op counts, parameter count, serialised size (size_mb) and weight bytes at their own precision."""
     counts = Counter(node.op_type for node in model.graph.node)
     params = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
     return {"nodes": len(model.graph.node), "ops": dict(sorted(counts.items())), "params": params,
-            "size_mb": round(model.ByteSize() / 2 ** 20, 2)}
+            "size_mb": round(model.ByteSize() / 2 ** 20, 2), "weight_bytes": sum(weight_bytes(model).values())}
+
+
+def _mb(size: int | None) -> str:
+    return "?" if size is None else str(round(size / 2 ** 20, 2))  # as size_mb; "?": a table from before weight_bytes
 
 
 def format_op_table(before: dict, after: dict) -> str:
@@ -27,7 +85,8 @@ def format_op_table(before: dict, after: dict) -> str:
     rows += [(op, str(before["ops"].get(op, 0)), str(after["ops"].get(op, 0))) for op in ops]
     rows += [("nodes", str(before["nodes"]), str(after["nodes"])),
              ("params", f"{before['params']:,}", f"{after['params']:,}"),
-             ("size MB", str(before["size_mb"]), str(after["size_mb"]))]
+             ("size MB", str(before["size_mb"]), str(after["size_mb"])),
+             ("weights MB", _mb(before.get("weight_bytes")), _mb(after.get("weight_bytes")))]
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"  {r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows)
 
@@ -65,7 +124,7 @@ def fidelity_text(fid: dict) -> str:
 def _speed_lines(report) -> list[str]:
     backend = report.backend
     lines = [f"target {report.target:g}x with {report.method} on {backend.get('backend')} "
-             f"({backend.get('device', '?')})"]
+             f"({backend.get('device', '?')}) at {report.precision}"]
     if not report.target_met:
         lines.append("  target out of reach: this is the fastest plan found")
     lines.append(f"  original {report.original_ms:.3f} ms, predicted {report.predicted_ms:.3f} ms "
@@ -77,6 +136,10 @@ def _speed_lines(report) -> list[str]:
         before, after = report.measured_ms
         lines.append(f"  measured (interleaved, one process): {before:.3f} ms -> {after:.3f} ms "
                      f"= {report.measured_speedup:.2f}x (prediction off by {100 * report.prediction_error:+.1f}%)")
+        if report.speedup_parts:
+            parts = ", ".join(f"{name} alone {value:.2f}x" for name, value in report.speedup_parts.items())
+            lines.append(f"  of which (measured alongside, against the fp32 original): {parts}, "
+                         f"both {report.measured_speedup:.2f}x")
     else:
         lines.append("  measured speed-up: not measured here (latencies come from another device: measure there)")
     return lines
@@ -86,8 +149,12 @@ def _fidelity_lines(report) -> list[str]:
     lines = [f"  fidelity on evaluation inputs before {step}: {fidelity_text(fid)}"
              for step, fid in report.fidelity_before.items()]
     lines.append(f"  fidelity on evaluation inputs: {fidelity_text(report.fidelity)}")
+    lines += [f"  for comparison, {name}: {fidelity_text(fid)}" for name, fid in report.baselines.items()]
     if len(report.outputs) > 1:
         lines += [f"    output {name}: {fidelity_text(fid)}" for name, fid in report.outputs.items()]
+    if report.sizes:
+        sizes = ", ".join(f"{name} {size / 2 ** 20:.2f}" for name, size in report.sizes.items())
+        lines.append(f"  weights MB (at their own precision): {sizes}")
     if report.symbolic_dims:
         lines.append(f"  written model: {report.symbolic_dims}")
     lines.append(f"  importance from {report.importance_data}"

@@ -11,7 +11,7 @@ from .metrics import compare
 from .outputs import output_fidelity
 from .prepare import Prepared
 from .profile import LatencyTable
-from .report import describe_change, op_table
+from .report import describe_change, op_table, weight_bytes
 from .runtime import run_outputs
 from .select import Plan, method_filter
 
@@ -40,6 +40,12 @@ class Report:
     canonicalisation: dict
     measured_ms: list[float] | None = None  # [original, optimized], interleaved in one process
     measured_speedup: float | None = None
+    precision: str = "fp32"
+    speedup_parts: dict[str, float] = field(default_factory=dict)  # measured alongside: "depth", "precision"
+    baselines: dict[str, dict] = field(default_factory=dict)  # fidelity of alternatives ("int8 alone")
+    # Weight bytes at their own precision (Deep Compression's size): the original, the model before
+    # each later step ("before quantization": pruned and merged, fp32), and the written model.
+    sizes: dict[str, int] = field(default_factory=dict)
     fidelity_before: dict[str, dict] = field(default_factory=dict)  # step ("repair", "distillation") -> fidelity
     rounds: list[dict] = field(default_factory=list)
     repair: list[dict] | None = None
@@ -59,34 +65,45 @@ class Report:
         return {**asdict(self), "prediction_error": self.prediction_error}
 
 
-def measure(runner: LatencyBackend | None, original: onnx.ModelProto,
-            optimized: onnx.ModelProto) -> tuple[list[float] | None, float | None]:
-    """([original ms, optimized ms], speed-up), interleaved in one process; None without a runner."""
+def measure(runner: LatencyBackend | None, original: onnx.ModelProto, optimized: onnx.ModelProto,
+            parts: dict[str, onnx.ModelProto]) -> tuple[list[float] | None, float | None, dict[str, float]]:
+    """([original ms, optimized ms], speed-up, speed-up of each of `parts`), all interleaved in one
+    process; nothing without a runner."""
     if runner is None:
-        return None, None
-    measured_ms = runner.measure_interleaved([original, optimized])
-    return measured_ms, measured_ms[0] / measured_ms[1]
+        return None, None, {}
+    measured_ms = runner.measure_interleaved([original, optimized, *parts.values()])
+    speedups = {name: measured_ms[0] / ms for name, ms in zip(parts, measured_ms[2:])}
+    return measured_ms[:2], measured_ms[0] / measured_ms[1], speedups
 
 
 def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.ModelProto, eval_feeds: list[dict],
            scores: dict[str, float], *, runner: LatencyBackend | None, earlier: dict[str, onnx.ModelProto],
+           parts: dict[str, onnx.ModelProto] | None = None, baselines: dict[str, onnx.ModelProto] | None = None,
            **details) -> Report:
     """The Report of `optimized`, made from `plan`: fidelity on `eval_feeds`, also of the `earlier`
-    models (by the step that followed them), and speed measured on `runner` where given. `details`
+    models (by the step that followed them) and of `baselines`, and speed measured on `runner` where
+    given, with each of `parts` (e.g. depth alone, precision alone) measured alongside. `details`
     fill the Report's remaining fields (rounds, repair, distill, importance_data, refit, target)."""
     onnx.checker.check_model(optimized)
     reference = run_outputs(prepared.model, eval_feeds)
-    before = {step: compare(reference, run_outputs(model, eval_feeds), kind=prepared.kind)
-              for step, model in earlier.items()}
+
+    def fidelity(model: onnx.ModelProto) -> dict:
+        return compare(reference, run_outputs(model, eval_feeds), kind=prepared.kind)
+
     per_output = output_fidelity(prepared.model, optimized, eval_feeds)
-    measured_ms, measured = measure(runner, prepared.model, optimized)
+    measured_ms, measured, speedup_parts = measure(runner, prepared.model, optimized, parts or {})
     return Report(
         method=plan.method, backend=table.backend, latency_source=table.source, latency_scale=table.scale,
-        target_met=plan.target_met, original_ms=table.whole_ms, predicted_ms=table.whole_ms / plan.predicted_speedup,
+        target_met=plan.target_met, original_ms=table.fp32_ms, predicted_ms=table.fp32_ms / plan.predicted_speedup,
         predicted_speedup=plan.predicted_speedup, measured_ms=measured_ms, measured_speedup=measured,
-        fidelity=compare(reference, run_outputs(optimized, eval_feeds), kind=prepared.kind),
+        fidelity=fidelity(optimized), precision=table.precision, speedup_parts=speedup_parts,
+        baselines={name: fidelity(model) for name, model in (baselines or {}).items()},
         primary_output=prepared.model.graph.output[0].name,
         outputs={name: per_output[name] for name in prepared.output_order if name in per_output},
-        fidelity_before=before, candidates=sum(1 for c in prepared.candidates if method_filter(plan.method, c)),
+        fidelity_before={step: fidelity(model) for step, model in earlier.items()},
+        sizes={"original": sum(weight_bytes(prepared.model).values()),
+               **{f"before {step}": sum(weight_bytes(model).values()) for step, model in earlier.items()},
+               "written": sum(weight_bytes(optimized).values())},
+        candidates=sum(1 for c in prepared.candidates if method_filter(plan.method, c)),
         changes=[describe_change(prepared.analysis, c, table.block_ms, scores) for c in plan.changes],
         before=op_table(prepared.model), after=op_table(optimized), canonicalisation=prepared.steps, **details)

@@ -344,3 +344,80 @@ def test_a_baked_in_batch_stays_static_and_says_so(tmp_path, capfd):
     assert code == 0 and err == ""
     assert json.loads(out)["batch"].startswith("batch kept at 1")
     assert onnx.load(str(out_path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+# --------------------------------------------------------------------------- weight bytes
+
+
+def gemm_model(k=1024, n=512, extra=()):
+    """x (4, k) -> Gemm transB=1 with a (n, k) float32 weight, no bias."""
+    weight = np.random.default_rng(3).standard_normal((n, k)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), *extra], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def quantize_qdq(model, tmp_path):
+    """onnxruntime's static QDQ quantization, per-channel int8 weights and int8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(4)
+            self.feeds = iter([{"x": rng.standard_normal((4, 1024)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return onnx.load(str(tmp_path / "int8.onnx"))
+
+
+def test_weight_bytes_count_each_type_at_its_size(tmp_path):
+    from lmopt.report import format_op_table, op_table, weight_bytes
+
+    constants = [helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([2, 3, 4]))),
+                 helper.make_node("Constant", [], ["alpha"], value_floats=[0.5, 1.5])]
+    model = gemm_model(extra=constants)
+    assert weight_bytes(model) == {"float32": 4 * 512 * 1024 + 4 * 2, "int64": 8 * 3}
+    table = op_table(model)
+    assert table["weight_bytes"] == 4 * 512 * 1024 + 8 + 24
+    assert {"nodes", "ops", "params", "size_mb"} <= set(table) and table["params"] == 512 * 1024
+
+    quantized = quantize_qdq(gemm_model(), tmp_path)
+    # int8: the weight (1 byte per element), its 512 per-channel zero points, the zero points of x and y;
+    # float32: the weight's 512 per-channel scales, the scales of x and y.
+    assert weight_bytes(quantized) == {"int8": 512 * 1024 + 512 + 2, "float32": 4 * (512 + 2)}
+    text = format_op_table(op_table(gemm_model()), op_table(quantized))
+    (row,) = [line.split() for line in text.splitlines() if line.strip().startswith("weights MB")]
+    assert row[2:] == ["2.0", "0.5"]
+
+
+def test_weights_text():
+    from lmopt.cli.inspect import weights_text
+
+    assert weights_text({"float32": 46_796_448}) == "44.6 MB float32"
+    assert weights_text({"int8": 11_744_051, "float32": 104_858}) == "11.2 MB int8 + 0.1 MB float32 (11.3 MB)"
+    assert weights_text({"float32": 128, "int64": 2048}) == "128 B float32 + 2.0 KB int64 (2.1 KB)"
+    assert weights_text({}) == "none"
+
+
+def test_inspect_prints_the_weight_bytes_of_the_file(tmp_path, capfd):
+    path = tmp_path / "baked.onnx"
+    onnx.save(batch_model(reshape_to=[1, -1]), str(path))  # W1 (4, 3, 1, 1), W2 (5, 4, 1, 1), shape [1, -1]
+    code, out, err = call(["inspect", path, "--input-shape", "x:1,3,8,8"], capfd)
+    assert code == 0 and err == ""
+    assert "weights: 128 B float32 + 16 B int64 (144 B)" in out
+    code, out, err = call(["inspect", path, "--input-shape", "x:1,3,8,8", "--json"], capfd)
+    assert json.loads(out)["weights"] == {"bytes": 144, "by_dtype": {"float32": 128, "int64": 16}}
+
+    path = write_zoo(tmp_path)  # ResNet-18: the file's BatchNormalization weights count (inspect folds them)
+    code, out, err = call(["inspect", path, "--json"], capfd)
+    model = onnx.load(str(path))
+    assert json.loads(out)["weights"]["bytes"] == sum(4 * math.prod(t.dims) for t in model.graph.initializer)

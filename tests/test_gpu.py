@@ -198,6 +198,23 @@ def test_lmopt_build_writes_an_engine(tmp_path, capsys, monkeypatch):
     assert "ms median GPU compute time" in printed
 
 
+SPARSE_NEVER_RUN = "2:4 sparse kernels were never built or timed on this machine"
+
+
+@pytest.mark.skipif(trt_skip_reason() is not None, reason=f"{trt_skip_reason()}; {SPARSE_NEVER_RUN}")
+def test_lmopt_build_sparse_engine(tmp_path, capsys, monkeypatch):
+    """Builds and times a 2:4 sparse engine; whether TensorRT picked sparse kernels (and was faster) is
+    the GPU's call: the latency is printed, not asserted."""
+    monkeypatch.setattr(cli, "TOOLS", available_tools())
+    model = save_model(tiny_conv_model(channels=64, size=32), tmp_path / "m.onnx")
+    out = tmp_path / "m.engine"
+    assert cli.main(["build", str(model), "-o", str(out), "--fp16", "--sparsity", "2:4"]) == 0
+    printed = capsys.readouterr().out
+    assert out.stat().st_size > 0 and (tmp_path / "m.sparse.onnx").is_file()
+    assert "2:4 sparse weights" in printed and "--sparsity=enable" in printed
+    assert "ms median GPU compute time" in printed
+
+
 def test_trtexec_command_line():
     from lmopt.engine import trtexec_command
 
@@ -248,6 +265,17 @@ def test_build_without_tensorrt_fails_with_one_line(tmp_path, capsys, monkeypatc
     assert len(err.strip().splitlines()) == 1, err
     assert "lmopt build: error:" in err and "TensorRT" in err
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_build_sparsity_without_tensorrt_fails_before_pruning(tmp_path, capsys, monkeypatch):
+    if trt_status() is None:
+        pytest.skip("TensorRT and a GPU are present here: see test_lmopt_build_sparse_engine")
+    monkeypatch.setattr(cli, "TOOLS", available_tools())
+    model = save_model(tiny_conv_model(channels=64, size=8), tmp_path / "m.onnx")
+    code = cli.main(["build", str(model), "-o", str(tmp_path / "m.engine"), "--sparsity", "2:4"])
+    err = capsys.readouterr().err
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "TensorRT" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no engine, no .sparse.onnx
 
 
 @pytest.mark.parametrize("name,status", [("trt", trt_status), ("torch-cuda", torch_status)])
@@ -401,6 +429,87 @@ def test_trt_engine_session_falls_back_when_capture_fails(fake_trt, monkeypatch)
     assert calls["streams"] == {7}
     session.close()
     assert calls["free"] == 2 and calls["destroyed"] == 2 and calls["stream_freed"] == 1
+
+
+# --- lmopt build --sparsity 2:4 with the FAKE tensorrt module ---------------------------------------
+# What reaches polygraphy: the pruned weights and CreateConfig(sparse_weights=True). Not whether TensorRT
+# then runs sparse kernels, nor how fast: 2:4 sparse kernels were never built or timed on this machine.
+
+def _assert_2_4_along_input_channels(weight):
+    groups = np.moveaxis(weight, 1, -1).reshape(-1, 4)  # Conv weight (M, C, kH, kW): C is the reduction axis
+    assert (np.count_nonzero(groups, axis=1) == 2).all()
+
+
+@pytest.fixture
+def fake_build(fake_trt, monkeypatch, tmp_path):
+    """`lmopt build` of m.onnx (or `model`) into m.engine on a fake TensorRT:
+    run(version, *flags, capsys=, model=) -> (exit code, stdout, stderr, polygraphy call log)."""
+    from lmopt import engine
+    from lmopt.latency import cudart
+
+    monkeypatch.setattr(engine, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(cudart, "device_name", lambda: "fake GPU")
+    monkeypatch.setattr(cli, "TOOLS", available_tools())
+    model = save_model(tiny_conv_model(channels=64, size=8), tmp_path / "m.onnx")
+
+    def run(version, *flags, capsys, model=model):
+        log = fake_trt(version)
+        code = cli.main(["build", str(model), "-o", str(tmp_path / "m.engine"), "--no-measure", *flags])
+        out, err = capsys.readouterr()
+        return code, out, err, log
+    return run
+
+
+def test_build_sparsity_reaches_the_builder_config(fake_build, tmp_path, capsys):
+    import onnx
+
+    code, printed, _, log = fake_build("10.3.0", "--sparsity", "2:4", capsys=capsys)
+    assert code == 0
+    (config,) = _calls(log, "CreateConfig")
+    assert config["sparse_weights"] is True and config["tf32"] is True
+    (net,) = _calls(log, "NetworkFromOnnxBytes")
+    parsed = onnx.load_from_string(net["args"][0])  # what TensorRT's parser was given
+    _assert_2_4_along_input_channels(numpy_helper.to_array(parsed.graph.initializer[0]))
+    written = onnx.load(str(tmp_path / "m.sparse.onnx"))
+    assert written.graph.initializer[0].SerializeToString() == parsed.graph.initializer[0].SerializeToString()
+    assert (tmp_path / "m.engine").read_bytes() == b"plan"
+    assert f"trtexec --onnx={tmp_path / 'm.sparse.onnx'} --saveEngine={tmp_path / 'm.engine'} --sparsity=enable" \
+        in printed
+    assert "2:4 sparse weights" in printed
+    assert "2:4 sparsity: 1 weight tensor pruned (18,432 of the model's 36,864" in printed
+    assert "without fine-tuning" in printed
+
+
+def test_build_without_sparsity_asks_for_no_sparse_kernels(fake_build, tmp_path, capsys):
+    code, printed, _, log = fake_build("10.3.0", capsys=capsys)
+    assert code == 0
+    (config,) = _calls(log, "CreateConfig")
+    assert "sparse_weights" not in config
+    assert "--sparsity" not in printed and not (tmp_path / "m.sparse.onnx").exists()
+
+
+def test_build_sparsity_on_tensorrt_11_fp16(fake_build, tmp_path, capsys):
+    """TensorRT 11 parses an fp16 ONNX: it is made from the pruned model, so its weights are 2:4 too."""
+    import onnx
+
+    code, printed, _, log = fake_build("11.0.0", "--sparsity", "2:4", "--fp16", capsys=capsys)
+    assert code == 0
+    (config,) = _calls(log, "CreateConfig")
+    assert config["sparse_weights"] is True and config["fp16"] is False
+    fp16 = onnx.load(str(tmp_path / "m.fp16.onnx"))
+    weight = numpy_helper.to_array(fp16.graph.initializer[0])
+    assert weight.dtype == np.float16
+    _assert_2_4_along_input_channels(weight)
+    assert f"--onnx={tmp_path / 'm.fp16.onnx'}" in printed and "--sparsity=enable" in printed
+
+
+def test_build_refuses_to_write_the_sparse_model_over_its_input(fake_build, tmp_path, capsys):
+    source = tmp_path / "m.sparse.onnx"  # m.engine's sparse model would have this name
+    source.write_bytes((tmp_path / "m.onnx").read_bytes())
+    code, _, err, log = fake_build("10.3.0", "--sparsity", "2:4", capsys=capsys, model=source)
+    assert code != 0 and "over the input model" in err and len(err.strip().splitlines()) == 1
+    assert source.read_bytes() == (tmp_path / "m.onnx").read_bytes()
+    assert not log and not (tmp_path / "m.engine").exists()  # refused before any build
 
 
 # --- TensorRT 11 and polygraphy ------------------------------------------------------------------

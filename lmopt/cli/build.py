@@ -21,6 +21,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace limit in MiB")
     parser.add_argument("--timing-cache", metavar="PATH",
                         help="TensorRT timing cache to read and update (speeds up rebuilds)")
+    parser.add_argument("--sparsity", choices=["2:4"],
+                        help="prune the weights of MatMul/Gemm/Conv layers to 2:4 structured sparsity (the 2 "
+                             "smallest of every 4 along the input channels, no fine-tuning; written next to the "
+                             "engine as .sparse.onnx) and let TensorRT use sparse kernels (Ampere and newer)")
     parser.add_argument("--no-measure", action="store_true", help="build only, do not time the engine")
     return parser
 
@@ -35,8 +39,9 @@ def run(args) -> int:
     check_writable(args.output, "-o")
     require_tensorrt()  # one clear line before any work when TensorRT or the GPU is missing
     result = build_engine(args.model, args.output, fp16=args.fp16, workspace_mib=args.workspace,
-                          timing_cache=args.timing_cache, measure=not args.no_measure)
-    print(f"engine: {result.engine_path} (TensorRT {result.tensorrt_version}, {result.device}, {result.precision})")
+                          timing_cache=args.timing_cache, measure=not args.no_measure, sparsity=args.sparsity)
+    kind = result.precision + (f", {args.sparsity} sparse weights" if args.sparsity else "")
+    print(f"engine: {result.engine_path} (TensorRT {result.tensorrt_version}, {result.device}, {kind})")
     for note in result.notes:
         print(f"note: {note}")
     print(f"trtexec equivalent: {result.trtexec}")

@@ -6,7 +6,10 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import Unit, analyse
 from ..candidates import enumerate_candidates
-from .common import add_model_arguments, load_canonical, print_json
+from ..loader import canonicalise, parse_input_shapes
+from ..onnxio import load_model
+from ..report import weight_bytes
+from .common import add_model_arguments, print_json
 
 
 def add_parser(subparsers):
@@ -33,7 +36,24 @@ def _width(shape: tuple) -> str:
     return str(shape[-1]) if shape and shape[-1] is not None else "?"
 
 
-def summary(model: onnx.ModelProto, steps: dict, max_kernel: int) -> dict:
+def _size_text(size: int) -> str:
+    if size >= 2 ** 20 // 20:  # from 0.05 MB, which rounds to 0.1
+        return f"{size / 2 ** 20:.1f} MB"
+    return f"{size / 2 ** 10:.1f} KB" if size >= 2 ** 10 else f"{size} B"
+
+
+def weights_text(by_dtype: dict[str, int]) -> str:
+    """Weight bytes by element type as text: "44.6 MB float32", "11.2 MB int8 + 0.1 MB float32 (11.3 MB)"."""
+    if not by_dtype:
+        return "none"
+    parts = " + ".join(f"{_size_text(size)} {dtype}" for dtype, size in by_dtype.items())
+    return parts if len(by_dtype) == 1 else f"{parts} ({_size_text(sum(by_dtype.values()))})"
+
+
+def summary(model: onnx.ModelProto, steps: dict, max_kernel: int, weights: dict[str, int] | None = None) -> dict:
+    """What inspect reports. `weights`: weight bytes by element type (report.weight_bytes) of the model
+    as the user gave it; default: of `model`, after canonicalisation."""
+    weights = weight_bytes(model) if weights is None else weights
     analysis = analyse(model)
     graph = gs.import_onnx(model)
     nodes = {n.name: n for n in graph.nodes}
@@ -61,12 +81,16 @@ def summary(model: onnx.ModelProto, steps: dict, max_kernel: int) -> dict:
         "candidates": len(candidates),
         "stops": analysis.stops,
         "unsupported": analysis.unsupported,
+        "weights": {"bytes": sum(weights.values()), "by_dtype": dict(weights)},
     }
 
 
 def run(args) -> int:
-    model, steps = load_canonical(args)
-    info = summary(model, steps, args.max_kernel)
+    shapes = parse_input_shapes(args.input_shape)
+    model = load_model(args.model)
+    weights = weight_bytes(model)  # of the file as given: canonicalisation folds BatchNormalization into the convs
+    model, steps = canonicalise(model, shapes)
+    info = summary(model, steps, args.max_kernel, weights)
     if args.json:
         print_json(info)
         return 0
@@ -76,6 +100,7 @@ def run(args) -> int:
           f"{steps['passthrough_removed']} Identity/Dropout removed, {steps['nodes_in']} -> {steps['nodes_out']} nodes"
           + (f", {steps['shapes_from_onnxruntime']} shapes from an onnxruntime run"
              if steps.get("shapes_from_onnxruntime") else ""))
+    print(f"weights: {weights_text(weights)}")
     print("activations on chains: " + (", ".join(f"{k} x{v}" for k, v in info["activations"].items()) or "none"))
     print("ops that end chains: " + (", ".join(f"{k} x{v}" for k, v in info["stops"].items()) or "none"))
     for chain in info["chains"]:

@@ -28,7 +28,9 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--backend", choices=list(BACKENDS), default=None,
                         help="runtime whose latency counts (default: TensorRT with a GPU, else torch-cuda, else "
                              "ort-cpu)")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="precision to time in")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                        help="precision to time in and to write; int8 (ort-cpu): static QDQ quantization with "
+                             "the calibration data, stacked on depth; the target is against the fp32 original")
     parser.add_argument("--threads", type=int, default=None, help="ort-cpu: intra-op threads (default: physical cores)")
     parser.add_argument("--max-kernel", type=int, default=7, help="largest merged kernel considered (default 7)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the latency cache")

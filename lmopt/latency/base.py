@@ -29,7 +29,7 @@ import onnx
 
 from ..errors import LmoptError, one_line
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 # trtexec's kENQUEUE_BOUND_REPORTING_THRESHOLD: enqueue-bound when median enqueue time > 0.8 x median GPU time.
 ENQUEUE_BOUND_RATIO = 0.8
 
@@ -121,7 +121,7 @@ class LatencyBackend(abc.ABC):
     """Times standalone ONNX models on one runtime.
 
     Options shared by every backend:
-      precision   'fp32' or 'fp16' (backends that cannot run fp16 say so)
+      precision   'fp32', 'fp16' or 'int8' (each backend names the ones it times: `precisions`)
       batch       the batch size, recorded in cache_key() when known (it is also in the input shapes)
       warmup_s    seconds of untimed runs before timing (trtexec's default is 0.2 s)
       runs        at least this many timed runs
@@ -135,12 +135,15 @@ class LatencyBackend(abc.ABC):
     """
 
     name: str = ""
+    precisions: tuple[str, ...] = ("fp32", "fp16")  # what this backend can time
     uses_tf32 = False  # GPU backends: True (the TF32 policy is applied and recorded in the cache key)
 
     def __init__(self, precision: str = "fp32", batch: int | None = None, warmup_s: float = 0.2,
                  runs: int = 20, min_time_s: float = 0.5, max_time_s: float = 10.0, tf32: bool = True):
         if precision not in PRECISIONS:
             raise LmoptError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision not in self.precisions:
+            raise LmoptError(f"the {self.name} backend times {' and '.join(self.precisions)}, not {precision}")
         if runs < 1:
             raise LmoptError("runs must be at least 1")
         self.precision = precision

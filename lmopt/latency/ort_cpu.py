@@ -58,14 +58,15 @@ def ort_bytes(model: onnx.ModelProto) -> bytes:
 
 
 class OrtCpuBackend(LatencyBackend):
-    """--backend ort-cpu: onnxruntime's CPUExecutionProvider, fp32."""
+    """--backend ort-cpu: onnxruntime's CPUExecutionProvider; fp32, or int8 (each model is timed after
+    static QDQ quantization with lmopt.quantize's settings: random calibration inputs set its scales,
+    which do not change its speed)."""
 
     name = "ort-cpu"
+    precisions = ("fp32", "int8")
 
     def __init__(self, threads: int | None = None, **options: Any):
         super().__init__(**options)
-        if self.precision != "fp32":
-            raise LmoptError("the ort-cpu backend times fp32 only (onnxruntime's CPU kernels are fp32)")
         self.threads = int(threads) if threads else physical_cores()
         if self.threads < 1:
             raise LmoptError("threads must be at least 1")
@@ -87,6 +88,10 @@ class OrtCpuBackend(LatencyBackend):
         import onnxruntime as ort
 
         feeds = random_feeds(model, 1)[0]
+        if self.precision == "int8":
+            from ..quantize import quantize_int8
+
+            model = quantize_int8(model, random_feeds(model, 4, seed=1))
         try:
             session = ort.InferenceSession(ort_bytes(model), session_options(self.threads),
                                            providers=["CPUExecutionProvider"])

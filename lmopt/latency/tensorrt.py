@@ -141,11 +141,12 @@ def _onnx_bytes(model: onnx.ModelProto) -> bytes:
 
 def build_engine_bytes(model: onnx.ModelProto, precision: str = "fp32", workspace_mib: int | None = None,
                        timing_cache: str | Path | None = None, fp16_io: bool = False,
-                       tf32: bool = True) -> tuple[bytes, onnx.ModelProto]:
+                       tf32: bool = True, sparse_weights: bool = False) -> tuple[bytes, onnx.ModelProto]:
     """Build a serialized engine; returns (engine bytes, the ONNX model TensorRT parsed).
 
     fp16_io: with precision 'fp16', make the float network inputs/outputs half (blocks);
     otherwise they stay as in the model (deployment: fp32 I/O). tf32: BuilderFlag.TF32 set or cleared.
+    sparse_weights: BuilderFlag.SPARSE_WEIGHTS (2:4 structured-sparse kernels where they are faster).
     """
     trt = _trt()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxBytes, PostprocessNetwork
@@ -173,6 +174,8 @@ def build_engine_bytes(model: onnx.ModelProto, precision: str = "fp32", workspac
     if workspace_mib:
         # IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes), via CreateConfig(memory_pool_limits=).
         config_args["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace_mib) << 20}
+    if sparse_weights:
+        config_args["sparse_weights"] = True
     if timing_cache:
         Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
         # CreateConfig(load_timing_cache=PATH): IBuilderConfig.create_timing_cache(bytes) + set_timing_cache;
