@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import NoReturn
 
 from ..errors import LmoptError, one_line
@@ -39,10 +41,13 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def show_messages(quiet: bool) -> None:
-    """lmopt's messages (the "lmopt" logger) go to stdout beside the report, warnings and errors to
-    stderr; with the report as JSON on stdout, only the warnings."""
+@contextlib.contextmanager
+def show_messages(quiet: bool) -> Iterator[None]:
+    """For one command, lmopt's messages (the "lmopt" logger) go to stdout beside the report, warnings
+    and errors to stderr; with the report as JSON on stdout, only the warnings. The logger is left as
+    it was afterwards (a caller's streams may be gone by then, as in tests)."""
     logger = logging.getLogger("lmopt")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
     info = logging.StreamHandler(sys.stdout)
     info.addFilter(lambda record: record.levelno < logging.WARNING)
     warnings = logging.StreamHandler(sys.stderr)
@@ -52,6 +57,10 @@ def show_messages(quiet: bool) -> None:
     logger.handlers[:] = [warnings] if quiet else [info, warnings]
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def quiet_onnxruntime() -> None:
@@ -66,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         quiet_onnxruntime()
-        show_messages(quiet=getattr(args, "json", None) in ("-", True))
-        return int(args.run(args) or 0)
+        with show_messages(quiet=getattr(args, "json", None) in ("-", True)):
+            return int(args.run(args) or 0)
     except LmoptError as exc:
         print(f"lmopt {args.tool}: error: {exc}", file=sys.stderr)
         return 1
