@@ -61,14 +61,15 @@ class Study:
                  cache: LatencyCache | None) -> tuple[LatencyBackend | None, LatencyTable]:
         """(the runner that measures results here, or None; the latency table). At int8, results are
         quantized before they are measured, so they are measured by the backend's fp32 twin."""
-        fp32 = {**options, "precision": "fp32"} if self.precision == "int8" else options
         if path is None:
             runner = get_backend(backend, **options)
-            measurer = get_backend(backend, **fp32) if fp32 is not options else runner
+            measurer = get_backend(backend, **{**options, "precision": "fp32"}) if self.precision == "int8" else runner
             return measurer, profile(self.prepared, runner, cache, self.progress, fp32_runner=measurer)
         table = from_file(self.prepared, path, backend)
+        self.precision = table.precision  # the table's latencies decide what the plan is written at
+        options = {**options, "precision": "fp32" if table.precision == "int8" else table.precision}
         # Results are measured here only when the table was made on this machine.
-        return (get_backend(table.backend["backend"], **fp32) if _same_machine(table.backend) else None), table
+        return (get_backend(table.backend["backend"], **options) if _same_machine(table.backend) else None), table
 
     def at_precision(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` as it will run: at int8, quantized with the fitting half of the calibration data

@@ -245,5 +245,5 @@ def profile_table(prepared: Prepared, backend_name: str | None = None, cache_pat
     table = {**make_table(prepared.model, backend.cache_key(), timed, signatures), "model_ms": whole_ms}
     if backend.precision != "fp32":  # speed-up targets are against the fp32 original
         fp32 = get_backend(backend_name, **{**backend_options, "precision": "fp32"})
-        table["model_fp32_ms"] = profile_blocks({WHOLE_MODEL: prepared.model}, fp32, cache, progress=False)[WHOLE_MODEL]
+        table["model_fp32_ms"] = whole_ms * precision_gain(prepared.model, backend, fp32, whole_ms, cache)
     return table

@@ -203,3 +203,21 @@ def test_calibration_arrays_drive_importance(small_resnet, tmp_path):
         damages.append(score(prepared, data, Refits(prepared, data.fit), progress=False).damage)
     changed = [key for key in damages[0] if abs(damages[0][key] - damages[1][key]) > 1e-6 * (1 + damages[0][key])]
     assert len(changed) > len(damages[0]) // 2  # the data, not the structure alone, decides the scores
+
+
+def test_a_table_at_another_precision_carries_the_fp32_time(small_resnet, profiled, tmp_path):
+    from lmopt.profile import from_file
+
+    prepared = prepare(str(small_resnet))
+    data = json.loads(profiled.read_text())
+    data["backend"]["precision"] = "int8"
+    table = tmp_path / "int8.json"
+    table.write_text(json.dumps(data))
+    with pytest.raises(LmoptError, match="without the fp32 model's"):
+        from_file(prepared, str(table))
+    table.write_text(json.dumps({**data, "model_fp32_ms": 2.0 * data["model_ms"]}))
+    latency = from_file(prepared, str(table))
+    originals = sum(latency.block_ms[c.key] for c in prepared.candidates if c.is_original)
+    assert latency.precision == "int8" and latency.precision_gain == pytest.approx(2.0)
+    assert latency.predicted_speedup(originals) == pytest.approx(2.0)  # the original at int8: precision alone
+    assert latency.fp32_ms == pytest.approx(2.0 * data["model_ms"])
