@@ -154,7 +154,7 @@ def profile(prepared: Prepared, runner: LatencyBackend, cache: LatencyCache | No
     if runner.precision != "fp32":
         table = replace(table, precision=runner.precision,
                         precision_gain=precision_gain(prepared.model, runner, fp32_runner, whole_ms, cache))
-    if all(c.kind == "dense" for c in prepared.analysis.chains):
+    if runner.precision == "int8" or all(c.kind == "dense" for c in prepared.analysis.chains):
         table = fit_in_context(table, prepared, runner)
     return table
 
@@ -212,26 +212,28 @@ def two_point_fit(whole_ms: float, original_blocks_ms: float, fast_ms: float,
 
 
 def fit_in_context(table: LatencyTable, prepared: Prepared, runner: LatencyBackend) -> LatencyTable:
-    """Dense blocks scaled to what they cost inside the network.
+    """Blocks scaled to what they cost inside the network, for dense models and at int8.
 
     A dense block timed alone keeps its weights in the CPU's caches from run to run; inside the
     network every layer's weights stream from memory again, and on an encoder the blocks cost far
     more in context than alone (all-MiniLM-L6-v2 at sequence length 32: its linear layers sum to
-    3.7 ms alone while removing nearly all of them saves about 6 ms of the 7.1 ms model). Taking the
-    unexplained time as fixed then makes every plan much faster than predicted. Two whole-model
-    measurements, the original and the fastest plan, fix the two unknowns of
-    `measured = fixed + scale * sum(blocks)`."""
+    3.7 ms alone while removing nearly all of them saves about 6 ms of the 7.1 ms model). An int8
+    block timed alone pays for quantizing its input and dequantizing its output, which inside the
+    network happens once. Taking the unexplained time as fixed makes plans mispredicted. Two
+    whole-model measurements, the original and the fastest plan, interleaved in one process, fix
+    the two unknowns of `measured = fixed + scale * sum(blocks)`."""
     plan = fastest_plan(prepared.chain_lengths, prepared.candidates, table.block_ms)
     changes = [c for c in plan or [] if not c.is_original]
     if not changes:
         return table
-    fast_ms = runner.measure(apply_candidates(prepared.model, prepared.analysis, changes))
+    whole_ms, fast_ms = runner.measure_interleaved([prepared.model,
+                                                    apply_candidates(prepared.model, prepared.analysis, changes)])
     original = sum(table.block_ms[c.key] for c in prepared.candidates if c.is_original)
-    fit = two_point_fit(table.whole_ms, original, fast_ms, sum(table.block_ms[c.key] for c in plan))
+    fit = two_point_fit(whole_ms, original, fast_ms, sum(table.block_ms[c.key] for c in plan))
     if fit is None:
         return table
     scale, fixed = fit
-    return replace(table, block_ms={key: ms * scale for key, ms in table.block_ms.items()},
+    return replace(table, block_ms={key: ms * scale for key, ms in table.block_ms.items()}, whole_ms=whole_ms,
                    fixed_ms=fixed, estimate_ms=fixed + scale * original, scale=scale)
 
 
