@@ -63,8 +63,9 @@ class Study:
         quantized before they are measured, so they are measured by the backend's fp32 twin."""
         if path is None:
             runner = get_backend(backend, **options)
-            measurer = get_backend(backend, **{**options, "precision": "fp32"}) if self.precision == "int8" else runner
-            return measurer, profile(self.prepared, runner, cache, self.progress, fp32_runner=measurer)
+            fp32 = runner if self.precision == "fp32" else get_backend(backend, **{**options, "precision": "fp32"})
+            measurer = fp32 if self.precision == "int8" else runner
+            return measurer, profile(self.prepared, runner, cache, self.progress, fp32_runner=fp32)
         table = from_file(self.prepared, path, backend)
         self.precision = table.precision  # the table's latencies decide what the plan is written at
         options = {**options, "precision": "fp32" if table.precision == "int8" else table.precision}
