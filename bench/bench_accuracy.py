@@ -65,12 +65,11 @@ def int8_model(model_path: pathlib.Path, calib: np.ndarray, out: pathlib.Path) -
     return out
 
 
-def row(name: str, config: str, target, report, fidelity: dict, speedup, minutes=None) -> dict:
-    return {"model": name, "config": config, "target": target, "speedup": speedup,
-            "predicted": None if report is None else report.predicted_speedup,
+def row(name: str, config: str, target, fidelity: dict, speedup, predicted=None, changes=None, minutes=None) -> dict:
+    return {"model": name, "config": config, "target": target, "speedup": speedup, "predicted": predicted,
             "top1": fidelity["top1_agreement"], "confident": fidelity["confident_agreement"],
             "confident_n": fidelity["confident_count"], "top5": fidelity["top5_contains"], "kl": fidelity["kl"],
-            "changes": None if report is None else len(report.changes), "minutes": minutes}
+            "changes": changes, "minutes": minutes}
 
 
 def _fmt(value, pattern: str) -> str:
@@ -89,18 +88,48 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
-    from lmopt.metrics import compare
-    from lmopt.optimizer import Study
-    from lmopt.runtime import run_outputs
-
+def model_and_data(name: str, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """(model, calibration images, evaluation images) of `name` in `out`, built on first use."""
     model_path = out / f"{name}.onnx"
     if not model_path.exists():
         save(name, model_path)
-    calib_path, eval_path = write_sets(out / f"{name}_data", image_size(name), MEAN, STD)
-    started = time.perf_counter()
+    return (model_path, *write_sets(out / f"{name}_data", image_size(name), MEAN, STD))
+
+
+def study_of(name: str, args, **backend_options):
+    """One lmopt Study of `name` on its calibration and evaluation images: (study, model path, calibration path)."""
+    from lmopt.optimizer import Study
+
+    model_path, calib_path, eval_path = model_and_data(name, args.out)
     study = Study(str(model_path), calib=str(calib_path), eval_data=str(eval_path), calib_count=args.calib_count,
-                  eval_count=args.eval_count, progress=False, backend_options={"threads": args.threads})
+                  eval_count=args.eval_count, progress=False,
+                  backend_options={"threads": args.threads, **backend_options})
+    return study, model_path, calib_path
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, models: list[str], targets: list[float], rounds: int,
+                      out: str) -> None:
+    parser.add_argument("--models", nargs="+", default=models, choices=list(NAMES))
+    parser.add_argument("--targets", nargs="+", type=float, default=targets)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--calib-count", type=int, default=256)
+    parser.add_argument("--eval-count", type=int, default=384)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out" / out)
+
+
+def write_markdown(rows: list[dict], path: pathlib.Path) -> None:
+    print("\n" + markdown(rows))
+    path.write_text(markdown(rows) + "\n")
+
+
+def bench_model(name: str, args) -> list[dict]:
+    from lmopt.metrics import compare
+    from lmopt.runtime import run_outputs
+
+    out = args.out
+    started = time.perf_counter()
+    study, model_path, calib_path = study_of(name, args)
     print(f"{name}: study {time.perf_counter() - started:.0f} s, {len(study.prepared.candidates)} candidates",
           flush=True)
     rows = []
@@ -110,7 +139,7 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
             quantized = onnx.load(int8_model(model_path, np.load(calib_path), pathlib.Path(tmp) / "int8.onnx"))
         fidelity = compare(reference, run_outputs(quantized, study.data.eval))
         before, after = study.runner.measure_interleaved([study.prepared.model, quantized])
-        rows.append(row(name, "int8 PTQ", None, None, fidelity, before / after))
+        rows.append(row(name, "int8 PTQ", None, fidelity, before / after))
         print(markdown(rows[-1:]), flush=True)
     for target in args.targets:
         for config in (c for c in args.configs if c != "int8"):
@@ -120,8 +149,8 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
             started = time.perf_counter()
             _, report = study.plan(target, method, rounds=0 if config == "plain" else args.rounds)
             minutes = (time.perf_counter() - started) / 60
-            rows.append(row(name, config, target, report, report.fidelity, report.measured_speedup,
-                            minutes))
+            rows.append(row(name, config, target, report.fidelity, report.measured_speedup,
+                            report.predicted_speedup, len(report.changes), minutes))
             (out / f"{name}_{config}_{target:g}.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
             print(markdown(rows[-1:]), flush=True)
     return rows
@@ -129,23 +158,13 @@ def bench_model(name: str, args, out: pathlib.Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES))
-    parser.add_argument("--targets", nargs="+", type=float, default=[1.25, 1.5, 2.0])
+    add_run_arguments(parser, list(NAMES), [1.25, 1.5, 2.0], 2, "accuracy")
     parser.add_argument("--configs", nargs="+", default=["int8", "plain", "repair", "kim2023", "prune"],
                         choices=CONFIGS)
     parser.add_argument("--distill-minutes", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--calib-count", type=int, default=256)
-    parser.add_argument("--eval-count", type=int, default=384)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out" / "accuracy")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.models:
-        rows += bench_model(name, args, args.out)
-    print("\n" + markdown(rows))
-    (args.out / "accuracy.md").write_text(markdown(rows) + "\n")
+    write_markdown([r for name in args.models for r in bench_model(name, args)], args.out / "accuracy.md")
 
 
 if __name__ == "__main__":

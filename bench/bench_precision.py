@@ -21,37 +21,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_accuracy import MEAN, STD, markdown  # noqa: E402
-from image_data import write_sets  # noqa: E402
-
-from models.efficientnet_lite import NAMES, image_size, save  # noqa: E402
-
-
-def row(name: str, config: str, target, fidelity: dict, speedup, predicted=None, changes=None) -> dict:
-    return {"model": name, "config": config, "target": target, "speedup": speedup, "predicted": predicted,
-            "top1": fidelity["top1_agreement"], "confident": fidelity["confident_agreement"],
-            "confident_n": fidelity["confident_count"], "top5": fidelity["top5_contains"], "kl": fidelity["kl"],
-            "changes": changes, "minutes": None}
+from bench_accuracy import add_run_arguments, markdown, row, study_of, write_markdown  # noqa: E402
 
 
 def bench_model(name: str, args) -> list[dict]:
-    from lmopt.optimizer import Study
-
-    out = args.out
-    model_path = out / f"{name}.onnx"
-    if not model_path.exists():
-        save(name, model_path)
-    calib_path, eval_path = write_sets(out / f"{name}_data", image_size(name), MEAN, STD)
     started = time.perf_counter()
-    study = Study(str(model_path), calib=str(calib_path), eval_data=str(eval_path), calib_count=args.calib_count,
-                  eval_count=args.eval_count, progress=False,
-                  backend_options={"threads": args.threads, "precision": "int8"})
+    study, _, _ = study_of(name, args, precision="int8")
     print(f"{name}: int8 study {time.perf_counter() - started:.0f} s, precision gain (measured whole) "
           f"{study.latency.precision_gain:.2f}x", flush=True)
     rows = []
     for target in args.targets:
         _, report = study.plan(target, rounds=args.rounds)
-        (out / f"{name}_int8_{target:g}.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
+        (args.out / f"{name}_int8_{target:g}.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
         parts, changes = report.speedup_parts, len(report.changes)
         if not rows:
             rows.append(row(name, "int8 alone", None, report.baselines["int8 alone"], parts.get("precision")))
@@ -65,18 +46,10 @@ def bench_model(name: str, args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0"], choices=list(NAMES))
-    parser.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 3.0])
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--calib-count", type=int, default=256)
-    parser.add_argument("--eval-count", type=int, default=384)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out" / "precision")
+    add_run_arguments(parser, ["efficientnet_lite0"], [1.5, 2.0, 3.0], 1, "precision")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [r for name in args.models for r in bench_model(name, args)]
-    print("\n" + markdown(rows))
-    (args.out / "precision.md").write_text(markdown(rows) + "\n")
+    write_markdown([r for name in args.models for r in bench_model(name, args)], args.out / "precision.md")
 
 
 if __name__ == "__main__":
