@@ -9,6 +9,7 @@ candidates allow (the bench makes one study and plans every method from it).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -72,6 +73,11 @@ class Study:
         # Results are measured here only when the table was made on this machine.
         return (get_backend(table.backend["backend"], **options) if _same_machine(table.backend) else None), table
 
+    @functools.cached_property
+    def int8_original(self) -> onnx.ModelProto:
+        """INT8 alone: the original quantized as plans are (made once; every target compares with it)."""
+        return self.at_precision(self.prepared.model)
+
     def at_precision(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` as it will run: at int8, quantized with the fitting half of the calibration data
         (never the half that checks it)."""
@@ -130,9 +136,8 @@ class Study:
                                            self.distill_minutes, progress=self.progress)
         parts, baselines = {}, {}
         if self.precision == "int8":
-            original = self.at_precision(self.prepared.model)
-            parts = {"depth": optimized, "precision": original}
-            baselines = {"int8 alone": original}
+            parts = {"depth": optimized, "precision": self.int8_original}
+            baselines = {"int8 alone": self.int8_original}
             earlier["quantization"], optimized = optimized, self.at_precision(optimized)
         report = verify(self.prepared, self.latency, plan, optimized, self.data.eval, self.scores.damage,
                         runner=self.runner if measure else None, earlier=earlier, parts=parts, baselines=baselines,

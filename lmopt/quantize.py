@@ -15,8 +15,6 @@ from .errors import LmoptError, one_line
 from .graph import copy_model
 from .onnxio import runtime_compatible
 
-logger = logging.getLogger(__name__)
-
 CALIBRATION_COUNT = 32  # samples that set the activation ranges (evenly spaced over the given feeds)
 
 
@@ -38,9 +36,6 @@ class _Reader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._items, None)
-
-    def rewind(self) -> None:  # not used by MinMax calibration, part of the protocol
-        raise NotImplementedError
 
 
 class _NoPreProcessingAdvice(logging.Filter):
