@@ -107,14 +107,20 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
 
 
-def check_not_quantized(model: onnx.ModelProto) -> None:
-    """A quantized model has integer weights lmopt cannot merge: say so instead of finding no chain."""
+def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Counts of the model's quantization ops by type (empty for a float model)."""
     found: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type in QUANTIZED_OPS:
             found[node.op_type] = found.get(node.op_type, 0) + 1
+    return dict(sorted(found.items()))
+
+
+def check_not_quantized(model: onnx.ModelProto) -> None:
+    """A quantized model has integer weights lmopt cannot merge: say so instead of finding no chain."""
+    found = quantized_ops(model)
     if found:
-        ops = ", ".join(f"{op} x{n}" for op, n in sorted(found.items()))
+        ops = ", ".join(f"{op} x{n}" for op, n in found.items())
         raise LmoptError(f"the model is quantized ({ops}): lmopt compresses float models; run it on the float "
                          "model and quantize afterwards")
 

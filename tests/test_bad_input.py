@@ -265,15 +265,31 @@ def qdq_model() -> onnx.ModelProto:
     return runtime_compatible(helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)]))
 
 
-@pytest.mark.parametrize("tool", ["inspect", "merge", "optimize"])
+@pytest.mark.parametrize("tool", ["merge", "optimize"])
 def test_quantized_model_is_told_so(tmp_path, capfd, cache_dir, tool):
     path = tmp_path / "q.onnx"
     onnx.save(qdq_model(), str(path))
-    argv = {"inspect": ["inspect", path], "merge": ["merge", path, "-o", tmp_path / "o.onnx"],
+    argv = {"merge": ["merge", path, "-o", tmp_path / "o.onnx"],
             "optimize": ["optimize", path, "--target", "2", "-o", tmp_path / "o.onnx"] + QUICK}[tool]
     code, out, err = call(argv, capfd)
     assert_one_line_error(code, out, err, "quantized", "QuantizeLinear x1", "DequantizeLinear x2")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_reports_the_size_of_a_quantized_model(tmp_path, capfd):
+    """Deep Compression's view of an int8 model: weight bytes by type and ops, and why no chains."""
+    path = tmp_path / "q.onnx"
+    onnx.save(qdq_model(), str(path))
+    code, out, err = call(["inspect", path], capfd)
+    assert code == 0 and not err, err
+    assert "quantized model (DequantizeLinear x2, QuantizeLinear x1)" in out
+    # 108 int8 weights and 2 int8 zero points; 2 float32 scales
+    assert "weights: 110 B int8 + 8 B float32 (118 B)" in out
+    assert "other ops: Conv x1" in out and "float models only" in out
+    code, out, _ = call(["inspect", path, "--json"], capfd)
+    info = json.loads(out)
+    assert code == 0 and info["quantized"] == {"DequantizeLinear": 2, "QuantizeLinear": 1}
+    assert info["weights"] == {"bytes": 118, "by_dtype": {"int8": 110, "float32": 8}}
 
 
 # --------------------------------------------------------------------------- terminal manners

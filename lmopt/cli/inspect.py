@@ -1,4 +1,5 @@
-"""`lmopt inspect`: the chains, layers, activations, residual spans and candidates lmopt finds."""
+"""`lmopt inspect`: the chains, layers, activations, residual spans and candidates lmopt finds; for a
+quantized model, its weight bytes by type and its ops."""
 from __future__ import annotations
 
 import onnx
@@ -6,9 +7,9 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import Unit, analyse
 from ..candidates import enumerate_candidates
-from ..loader import canonicalise, parse_input_shapes
+from ..loader import canonicalise, parse_input_shapes, quantized_ops
 from ..onnxio import load_model
-from ..report import weight_bytes
+from ..report import op_table, weight_bytes
 from .common import add_model_arguments, print_json
 
 
@@ -89,6 +90,8 @@ def run(args) -> int:
     shapes = parse_input_shapes(args.input_shape)
     model = load_model(args.model)
     weights = weight_bytes(model)  # of the file as given: canonicalisation folds BatchNormalization into the convs
+    if quantized_ops(model):
+        return _run_quantized(args, model, weights)
     model, steps = canonicalise(model, shapes)
     info = summary(model, steps, args.max_kernel, weights)
     if args.json:
@@ -115,4 +118,22 @@ def run(args) -> int:
         print("\nnot handled:")
         for reason in info["unsupported"]:
             print(f"  {reason}")
+    return 0
+
+
+def _run_quantized(args, model: onnx.ModelProto, weights: dict[str, int]) -> int:
+    """A quantized model (lmopt's --precision int8 output, or any QDQ export): its size and ops, the
+    Deep Compression view; chains are found in float models only, so there are none to list."""
+    quantized, table = quantized_ops(model), op_table(model)
+    if args.json:
+        print_json({"model": str(model.graph.name), "quantized": quantized, "ops": table["ops"],
+                    "nodes": table["nodes"], "weights": {"bytes": sum(weights.values()), "by_dtype": dict(weights)}})
+        return 0
+    print(f"{args.model}: quantized model ({', '.join(f'{op} x{n}' for op, n in quantized.items())}), "
+          f"{table['nodes']} nodes")
+    print(f"weights: {weights_text(weights)}")
+    compute = {op: n for op, n in table["ops"].items() if op not in quantized}
+    print("other ops: " + (", ".join(f"{op} x{n}" for op, n in compute.items()) or "none"))
+    print("chains and candidates are found in float models only: inspect the float model to see what lmopt "
+          "can merge or prune")
     return 0
