@@ -15,7 +15,8 @@ $LMOPT_CACHE_DIR) serves every target and configuration:
 - repair: LayerMerge plan with closed-form repair in context and re-scoring rounds (the default);
 - kim2023, prune: the baselines, with repair;
 - distill: the repaired plan, then `--distill` for --distill-minutes;
-- int8: `onnxruntime.quantization.quantize_static` (QDQ, per-channel, 32 calibration images).
+- int8: lmopt.quantize (onnxruntime's static QDQ: per-channel int8 weights, uint8 activations, 32
+  calibration images), as `--precision int8` quantizes.
 
 Fidelity is measured on the evaluation set with the definitions of shared/eval/agreement.py
 (top-1 agreement, agreement where the original's top-1 probability >= 0.5, top-5 containment, KL);
@@ -27,11 +28,7 @@ import argparse
 import json
 import pathlib
 import sys
-import tempfile
 import time
-
-import numpy as np
-import onnx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,25 +41,6 @@ from models.efficientnet_lite import NAMES, image_size, save  # noqa: E402
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite's preprocessing: (x - 127) / 128
 
 CONFIGS = ("int8", "plain", "repair", "kim2023", "prune", "distill")
-
-
-def int8_model(model_path: pathlib.Path, calib: np.ndarray, out: pathlib.Path) -> pathlib.Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(calib[np.linspace(0, len(calib) - 1, 32).round().astype(int)])
-
-        def get_next(self):
-            item = next(self.items, None)
-            return None if item is None else {"input": item[None]}
-
-    prepared = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(model_path), str(prepared))
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-    return out
 
 
 def row(name: str, config: str, target, fidelity: dict, speedup, predicted=None, changes=None, minutes=None) -> dict:
@@ -129,14 +107,15 @@ def bench_model(name: str, args) -> list[dict]:
 
     out = args.out
     started = time.perf_counter()
-    study, model_path, calib_path = study_of(name, args)
+    study, _, _ = study_of(name, args)
     print(f"{name}: study {time.perf_counter() - started:.0f} s, {len(study.prepared.candidates)} candidates",
           flush=True)
     rows = []
     reference = run_outputs(study.prepared.model, study.data.eval)
     if "int8" in args.configs:
-        with tempfile.TemporaryDirectory() as tmp:
-            quantized = onnx.load(int8_model(model_path, np.load(calib_path), pathlib.Path(tmp) / "int8.onnx"))
+        from lmopt.quantize import quantize_int8
+
+        quantized = quantize_int8(study.prepared.model, study.data.fit)  # as --precision int8 quantizes
         fidelity = compare(reference, run_outputs(quantized, study.data.eval))
         before, after = study.runner.measure_interleaved([study.prepared.model, quantized])
         rows.append(row(name, "int8 PTQ", None, fidelity, before / after))
