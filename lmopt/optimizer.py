@@ -91,7 +91,7 @@ class Study:
         if not (self.repair and changes):
             return optimized, []
         return repair_in_context(self.prepared.model, optimized, self.prepared.analysis, changes, self.data.fit,
-                                 self.data.score)
+                                 self.data.score, output_kind=self.prepared.kind)
 
     def choose(self, target: float, method: str | None = None, rounds: int = 2) -> tuple[Plan, onnx.ModelProto, list,
                                                                                         list[dict]]:
@@ -133,7 +133,7 @@ class Study:
             chains = self.prepared.analysis.chains
             features = [chains[c.chain].positions[c.end] for c in plan.changes]
             optimized, distilled = distill(self.prepared.model, optimized, features, self.data.fit, self.data.score,
-                                           self.distill_minutes, progress=self.progress)
+                                           self.distill_minutes, kind=self.prepared.kind, progress=self.progress)
         parts, baselines = {}, {}
         if self.precision == "int8":
             parts = {"depth": optimized, "precision": self.int8_original}

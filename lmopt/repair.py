@@ -140,10 +140,11 @@ def _spec_of(model: onnx.ModelProto, node_name: str):
 
 
 def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Analysis, changes: list[Candidate],
-           fit_feeds: list[dict], check_feeds: list[dict],
+           fit_feeds: list[dict], check_feeds: list[dict], output_kind: str | None = None,
            progress: Callable[[int, int], None] | None = None) -> tuple[onnx.ModelProto, list[RepairStep]]:
     """Repair `optimized` layer by layer in context (see the module's text). Returns the repaired
-    model and one step per layer considered."""
+    model and one step per layer considered. `output_kind`: the first output's kind, as
+    metrics.compare takes it (an embedding is checked by cosine, never as class scores)."""
     targets = repair_targets(optimized, analysis, changes)
     if not targets or not fit_feeds or not check_feeds:
         return optimized, []
@@ -152,7 +153,7 @@ def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Anal
     reference_check = run_with_outputs(original, check_feeds, [])[0]
 
     def check_damage(model: onnx.ModelProto) -> float:
-        return damage(compare(reference_check, run_with_outputs(model, check_feeds, [])[0]))
+        return damage(compare(reference_check, run_with_outputs(model, check_feeds, [])[0], kind=output_kind))
 
     current_damage = check_damage(optimized)
     steps = []

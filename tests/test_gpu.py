@@ -111,6 +111,28 @@ def graphs():
          helper.make_node("Relu", ["xm"], ["r"]),
          helper.make_node("Softmax", ["r"], ["y"], axis=1)],
         [("x", [2, 3, 4])], ["y"], opset=11)
+    yield "mask-and-pooling-ops-opset17", model_of(  # what encoder exports hold around attention and pooling
+        [helper.make_node("Unsqueeze", ["x", "ax"], ["u"]),
+         helper.make_node("Expand", ["u", "shape"], ["e"]),
+         helper.make_node("ReduceSum", ["e", "ax"], ["rs"], keepdims=0),
+         helper.make_node("ReduceMean", ["x"], ["rm"], axes=[1], keepdims=1),
+         helper.make_node("ReduceL2", ["x"], ["l2"], axes=[2], keepdims=1),
+         helper.make_node("Max", ["rs", "rm", "l2"], ["mx"]),
+         helper.make_node("Min", ["mx", "half"], ["mn"]),
+         helper.make_node("Relu", ["x"], ["rx"]),
+         helper.make_node("Equal", ["rx", "x"], ["eq"]),
+         helper.make_node("Not", ["eq"], ["ne"]),
+         helper.make_node("And", ["eq", "eq"], ["both"]),
+         helper.make_node("Cast", ["both"], ["bf"], to=TensorProto.FLOAT),
+         helper.make_node("Where", ["ne", "x", "bf"], ["w"]),
+         helper.make_node("Pow", ["w", "two"], ["p"]),
+         helper.make_node("Sqrt", ["p"], ["sq"]),
+         helper.make_node("Neg", ["sq"], ["ng"]),
+         helper.make_node("Exp", ["ng"], ["ex"]),
+         helper.make_node("Add", ["ex", "mn"], ["y"])],
+        [("x", [2, 3, 4])], ["y"],
+        [init("ax", np.array([1], np.int64)), init("shape", np.array([2, 5, 3, 4], np.int64)),
+         init("half", np.float32(0.5)), init("two", np.float32(2.0))], opset=17)
 
 
 @pytest.mark.parametrize("name,model", list(graphs()), ids=[n for n, _ in graphs()])

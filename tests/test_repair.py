@@ -69,6 +69,21 @@ def test_repair_improves_fidelity_on_unseen_data(resnet):
         assert step.damage_after <= step.damage_before
 
 
+def test_repair_checks_an_embedding_by_cosine(resnet):
+    """With output_kind "embedding" (an encoder's pooled output), the check damage is 1 - mean
+    cosine, not a classifier's KL + top-1, whatever the output's shape suggests."""
+    model, analysis, candidates = resnet
+    changes = merges_removing_activations(analysis, candidates, 1)
+    compressed = apply_candidates(model, analysis, changes)
+    check = feeds(12, seed=2)
+    _, steps = repair(model, compressed, analysis, changes, feeds(24, seed=1), check, output_kind="embedding")
+    assert steps
+    reference, values = run_with_outputs(model, check, [])[0], run_with_outputs(compressed, check, [])[0]
+    cosine_mean = compare(reference, values, kind="embedding")["cosine_mean"]
+    assert steps[0].damage_before == pytest.approx(1.0 - cosine_mean, rel=1e-9)
+    assert steps[0].damage_before != pytest.approx(damage(compare(reference, values)))  # the classifier measure
+
+
 def test_a_repair_that_hurts_the_check_data_is_not_kept(resnet, monkeypatch):
     model, analysis, candidates = resnet
     changes = merges_removing_activations(analysis, candidates, 1)

@@ -308,3 +308,47 @@ def test_no_symbolic_dims_note_for_a_fixed_shape_source(tmp_path):
                   backend_options=FAST)
     _, report = study.plan(1.2, measure=False, rounds=0)
     assert report.symbolic_dims == ""
+
+
+def test_the_torch_translation_of_an_encoder_matches_onnxruntime(study):
+    """The canonical encoder holds the mask and pooling ops (Unsqueeze, Cast, ReduceSum, ...) that
+    distillation must translate; every float output matches ONNX Runtime."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: the translator needs the lmopt[torch] extra")
+    from lmopt.latency.torch_translate import translate
+
+    model = study.prepared.model
+    module = translate(model)
+    feed = study.data.score[0]
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feed)
+    with torch.no_grad():
+        got = module(*[torch.from_numpy(feed[name]) for name in module.input_names])
+    for value, expected, out in zip(got, want, model.graph.output):
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-4, atol=1e-5, err_msg=out.name)
+
+
+def test_distillation_of_an_encoder_improves_cosine_on_unseen_tokens(study):
+    """Three int64 inputs, int64 pass-through outputs, embeddings as the first output: the student
+    trains its MatMul, bias and LayerNorm weights, and the cosine on tokens it never saw improves."""
+    pytest.importorskip("torch", reason="PyTorch not installed: --distill needs the lmopt[torch] extra")
+    from lmopt.candidates import removed_branches
+    from lmopt.distill import _trainable, distill
+
+    analysis = study.prepared.analysis
+    # One MLP removed whole: a change the rest of the network must learn to make up for.
+    change = next(c for c in study.prepared.candidates if removed_branches(analysis.chains[c.chain], c))
+    compressed = apply_candidates(study.prepared.model, analysis, [change])
+    features = [analysis.chains[change.chain].positions[change.end]]
+    trainable = _trainable(compressed)
+    assert any(".weight_t" in name for name in trainable) and any("norm" in name.lower() for name in trainable)
+    distilled, report = distill(study.prepared.model, compressed, features, study.data.fit, study.data.score,
+                                minutes=0.2, lr=1e-3, kind="embedding")
+    assert report.epochs >= 1 and report.check_damage_after < report.check_damage_before
+    unseen = token_feeds(24, seq=SEQ, seed=11)
+    reference = run_outputs(study.prepared.model, unseen)
+
+    def cosine_mean(model):
+        return compare(reference, run_outputs(model, unseen), kind="embedding")["cosine_mean"]
+
+    assert cosine_mean(distilled) > cosine_mean(compressed) + 0.005, (cosine_mean(compressed), cosine_mean(distilled))
+    assert [n.op_type for n in distilled.graph.node] == [n.op_type for n in compressed.graph.node]
+

@@ -11,8 +11,9 @@ Supported: Conv (groups, dilation, asymmetric pads, auto_pad), Gemm (transA/tran
 beta), MatMul, Add, Sub, Mul, Div, Relu, Clip (min/max from inputs or attributes), LeakyRelu,
 PRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, Erf, Gelu, BatchNormalization (inference),
 MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Gather,
-LayerNormalization, Softmax, Identity, Dropout (inference), Constant. Anything else raises
-LmoptError naming the op.
+LayerNormalization, Softmax, Identity, Dropout (inference), Constant, and the ops of a transformer
+encoder's mask and pooling: Unsqueeze, ReduceSum, ReduceMean, ReduceL2 (constant axes), Cast, Expand,
+Where, And, Not, Equal, Max, Min, Sqrt, Pow, Neg, Exp. Anything else raises LmoptError naming the op.
 
 Initializers and Constant values become registered buffers, so module.to(device) and
 module.half() move and convert them with the module.
@@ -82,9 +83,11 @@ def translate(model: onnx.ModelProto) -> Any:
     """An nn.Module (eval mode) computing `model`; forward(*inputs) returns a tuple of the graph's outputs."""
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
-            raise LmoptError(f"the torch-cuda backend cannot translate op {node.domain}::{node.op_type}")
+            raise LmoptError(f"the torch translator (torch-cuda backend, --distill) cannot translate op "
+                              f"{node.domain}::{node.op_type}")
         if node.op_type not in SUPPORTED_OPS:
-            raise LmoptError(f"the torch-cuda backend cannot translate op {node.op_type} (node {node.name!r})")
+            raise LmoptError(f"the torch translator (torch-cuda backend, --distill) cannot translate op "
+                              f"{node.op_type} (node {node.name!r})")
     return _module_class()(model).eval()
 
 
@@ -373,9 +376,80 @@ def _identity(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
     return lambda x: x
 
 
+def _axes(m: Any, node: onnx.NodeProto, a: dict, position: int) -> list[int] | None:
+    """An op's axes: the attribute (older opsets) or the constant input at `position` (newer ones)."""
+    if "axes" in a:
+        return [int(v) for v in a["axes"]]
+    if len(node.input) > position and node.input[position]:
+        value = m.const(node.input[position])
+        if value is None:
+            raise LmoptError(f"{node.op_type} with computed axes is not supported (node {node.name!r})")
+        return [int(v) for v in np.atleast_1d(value)]
+    return None
+
+
+def _unsqueeze(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
+    axes = _axes(m, node, a, 1)
+
+    def run(x: Any, *_: Any) -> Any:
+        rank = x.dim() + len(axes)
+        for ax in sorted(v % rank for v in axes):
+            x = x.unsqueeze(ax)
+        return x
+    return run
+
+
+def _reduce(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
+    """ReduceSum, ReduceMean and ReduceL2 over constant axes (all axes when none are given)."""
+    torch, _ = _torch()
+    axes = _axes(m, node, a, 1)
+    keep = bool(a.get("keepdims", 1))
+    if axes is None and a.get("noop_with_empty_axes", 0):
+        return lambda x, *_: x
+    reduce = {"ReduceSum": torch.sum, "ReduceMean": torch.mean,
+              "ReduceL2": lambda x, dim, keepdim: torch.linalg.vector_norm(x, 2, dim=dim, keepdim=keepdim)}
+    fn = reduce[node.op_type]
+    return lambda x, *_: fn(x, dim=tuple(range(x.dim())) if axes is None else tuple(axes), keepdim=keep)
+
+
+def _cast(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
+    torch, _ = _torch()
+    numpy_type = helper.tensor_dtype_to_np_dtype(a["to"])
+    dtype = torch.bool if numpy_type == np.bool_ else getattr(torch, np.dtype(numpy_type).name)
+    return lambda x: x.to(dtype)
+
+
+def _expand(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
+    torch, _ = _torch()
+    fixed = m.const(node.input[1])
+
+    def run(x: Any, shape_t: Any) -> Any:  # bidirectional broadcast, as ONNX Expand
+        shape = [int(v) for v in (fixed if fixed is not None else shape_t.tolist())]
+        return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape)))
+    return run
+
+
+def _where(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
+    torch, _ = _torch()
+    return lambda condition, x, y: torch.where(condition.bool(), x, y)
+
+
+def _min_max(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
+    """Max and Min of any number of inputs, broadcast."""
+    torch, _ = _torch()
+    pair = torch.maximum if node.op_type == "Max" else torch.minimum
+    return lambda *xs: functools.reduce(pair, xs)
+
+
+def _and(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
+    torch, _ = _torch()
+    return lambda x, y: torch.logical_and(x.bool(), y.bool())
+
+
 # Ops that are one torch function of their inputs, looked up when the block is translated.
 _TORCH_FUNCTIONS = {"MatMul": "matmul", "Add": "add", "Sub": "sub", "Mul": "mul", "Relu": "relu",
-                    "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf"}
+                    "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Sqrt": "sqrt", "Pow": "pow", "Neg": "neg",
+                    "Exp": "exp", "Equal": "eq", "Not": "logical_not"}
 
 
 def _torch_function(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
@@ -394,7 +468,9 @@ _OPS: dict[str, Builder] = {
     "MaxPool": _pool, "AveragePool": _pool, "GlobalAveragePool": _global_average_pool,
     "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose, "Concat": _concat, "Gather": _gather,
     "LayerNormalization": _layernorm, "Softmax": _softmax, "Div": _div, "Dropout": _dropout,
-    "Identity": _identity, **dict.fromkeys(_TORCH_FUNCTIONS, _torch_function),
+    "Identity": _identity, "Unsqueeze": _unsqueeze, "ReduceSum": _reduce, "ReduceMean": _reduce, "ReduceL2": _reduce,
+    "Cast": _cast, "Expand": _expand, "Where": _where, "And": _and, "Max": _min_max, "Min": _min_max,
+    **dict.fromkeys(_TORCH_FUNCTIONS, _torch_function),
 }
 SUPPORTED_OPS = frozenset([*_OPS, "Constant"])
 
