@@ -186,10 +186,10 @@ def _epoch(student: _Student, optimizer: Any, loss_of: _Loss, inputs: list[Any],
 
 
 def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: list[str], train_feeds: list[dict],
-            check_feeds: list[dict], minutes: float, batch_size: int = 32, lr: float = 1e-4, kind: str | None = None,
-            progress: bool = False) -> tuple[onnx.ModelProto, DistillReport]:
+            check_feeds: list[dict], minutes: float, batch_size: int = 32, lr: float = 1e-4,
+            output_kind: str | None = None, progress: bool = False) -> tuple[onnx.ModelProto, DistillReport]:
     """Distil `original` into `compressed`'s weights for about `minutes` (see the module's text).
-    `kind`: the first output's kind, as metrics.compare takes it ("embedding": trained by MSE and
+    `output_kind`: the first output's kind, as metrics.compare takes it ("embedding": trained by MSE and
     checked by cosine similarity, never as class scores)."""
     torch = _require_torch()
     from tqdm import tqdm
@@ -199,7 +199,7 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: li
     started = time.perf_counter()
     if len(train_feeds) < 2 or not check_feeds:
         raise LmoptError("--distill needs at least 2 calibration samples for training and 1 for checking")
-    check = _Check(original, check_feeds, kind)
+    check = _Check(original, check_feeds, output_kind)
     features = _shared_features(compressed, features)
     batched = separable_batch(compressed, train_feeds) is not None
     # The student outputs the features after the graph's own outputs.

@@ -133,7 +133,7 @@ class Study:
             chains = self.prepared.analysis.chains
             features = [chains[c.chain].positions[c.end] for c in plan.changes]
             optimized, distilled = distill(self.prepared.model, optimized, features, self.data.fit, self.data.score,
-                                           self.distill_minutes, kind=self.prepared.kind, progress=self.progress)
+                                           self.distill_minutes, output_kind=self.prepared.kind, progress=self.progress)
         parts, baselines = {}, {}
         if self.precision == "int8":
             parts = {"depth": optimized, "precision": self.int8_original}

@@ -341,7 +341,7 @@ def test_distillation_of_an_encoder_improves_cosine_on_unseen_tokens(study):
     trainable = _trainable(compressed)
     assert any(".weight_t" in name for name in trainable) and any("norm" in name.lower() for name in trainable)
     distilled, report = distill(study.prepared.model, compressed, features, study.data.fit, study.data.score,
-                                minutes=0.2, lr=1e-3, kind="embedding")
+                                minutes=0.2, lr=1e-3, output_kind="embedding")
     assert report.epochs >= 1 and report.check_damage_after < report.check_damage_before
     unseen = token_feeds(24, seq=SEQ, seed=11)
     reference = run_outputs(study.prepared.model, unseen)

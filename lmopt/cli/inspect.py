@@ -90,8 +90,9 @@ def run(args) -> int:
     shapes = parse_input_shapes(args.input_shape)
     model = load_model(args.model)
     weights = weight_bytes(model)  # of the file as given: canonicalisation folds BatchNormalization into the convs
-    if quantized_ops(model):
-        return _run_quantized(args, model, weights)
+    quantized = quantized_ops(model)
+    if quantized:
+        return _run_quantized(args, model, quantized, weights)
     model, steps = canonicalise(model, shapes)
     info = summary(model, steps, args.max_kernel, weights)
     if args.json:
@@ -121,10 +122,10 @@ def run(args) -> int:
     return 0
 
 
-def _run_quantized(args, model: onnx.ModelProto, weights: dict[str, int]) -> int:
+def _run_quantized(args, model: onnx.ModelProto, quantized: dict[str, int], weights: dict[str, int]) -> int:
     """A quantized model (lmopt's --precision int8 output, or any QDQ export): its size and ops, the
     Deep Compression view; chains are found in float models only, so there are none to list."""
-    quantized, table = quantized_ops(model), op_table(model)
+    table = op_table(model)
     if args.json:
         print_json({"model": str(model.graph.name), "quantized": quantized, "ops": table["ops"],
                     "nodes": table["nodes"], "weights": {"bytes": sum(weights.values()), "by_dtype": dict(weights)}})
