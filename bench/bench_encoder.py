@@ -234,7 +234,7 @@ def main() -> None:
         rows.append((target, report, cos, retrieval_agreement(reference, new), shared, kinds, written, before))
         print(f"{target:g}x: measured {report.measured_speedup:.2f}x, cosine mean {cos.mean():.4f} "
               f"min {cos.min():.4f} (before distillation: {before}), retrieval top-1 agreement {rows[-1][3]:.3f}; "
-              f"{shared}", flush=True)
+              f"{shared}; changes: {', '.join(c['block'] for c in report.changes)}", flush=True)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     lines = [
         f"`{shlex.join(['python', 'bench/bench_encoder.py'] + sys.argv[1:])}`",

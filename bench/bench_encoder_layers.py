@@ -6,8 +6,8 @@ map fitted by ridge regression from its input to its output (TOAST's training-fr
 Reads what bench/bench_encoder.py wrote (the exported model, calib.npz, eval.npz); needs no torch.
 For each layer and replacement: mean and minimum cosine similarity of the sentence embeddings on the
 evaluation sentences, and the latency of the whole model with that layer replaced (ORT CPU, 2
-threads, interleaved with the original, medians of 100 runs). lmopt does not offer these candidates
-yet; this measures what they would be worth.
+threads, interleaved with the original, medians of 100 runs). lmopt offers these candidates as segments
+(lmopt.segments, chosen by the DP beside the blocks inside them); this probe measures each one alone.
 """
 from __future__ import annotations
 

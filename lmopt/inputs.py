@@ -6,6 +6,7 @@ masks are all ones and type or segment ids zeros, positions count up along the l
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +72,33 @@ def integer_input(model: onnx.ModelProto, name: str, shape: tuple[int, ...], dty
     return np.zeros(shape, dtype=dtype)
 
 
+# Metadata key of the input shapes a model with symbolic input dims is timed at (see timing_twin).
+TIMING_SHAPES = "lmopt.timing_shapes"
+
+
+def with_timing_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy of `model` (symbolic input dims) that carries the shapes its random feeds take, so that
+    any backend times it at those shapes, and its structural signature differs from one at others."""
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    kept = [p for p in copy.metadata_props if p.key != TIMING_SHAPES]
+    del copy.metadata_props[:]
+    copy.metadata_props.extend(kept)
+    copy.metadata_props.add(key=TIMING_SHAPES, value=json.dumps(shapes, sort_keys=True))
+    return copy
+
+
+def timing_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    return next((json.loads(p.value) for p in model.metadata_props if p.key == TIMING_SHAPES), {})
+
+
 def random_feed(model: onnx.ModelProto, rng: np.random.Generator, vocab: dict | None = None) -> dict[str, np.ndarray]:
-    """Random inputs for every graph input: floats ~ N(0,1), integers token-like (see the module's text)."""
+    """Random inputs for every graph input: floats ~ N(0,1), integers token-like (see the module's text),
+    at the input's static shape or, where the model carries them, its timing shapes."""
     feed = {}
+    shapes = timing_shapes(model)
     for vi in graph_inputs(model):
-        dtype, shape = input_dtype(vi), static_shape(vi)
+        dtype = input_dtype(vi)
+        shape = tuple(shapes[vi.name]) if vi.name in shapes else static_shape(vi)
         if np.issubdtype(dtype, np.floating):
             feed[vi.name] = rng.standard_normal(shape).astype(dtype)
         else:

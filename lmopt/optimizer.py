@@ -18,14 +18,16 @@ import onnx
 from .apply import apply_candidates
 from .calib import Preprocess, study_data
 from .errors import LmoptError
+from .inputs import timing_shapes, with_timing_shapes
 from .latency.base import LatencyBackend, get_backend
 from .latency.cache import LatencyCache
 from .outputs import restore_order
-from .prepare import prepare
+from .prepare import prepare, timing_base, whole_with
 from .profile import LatencyTable, from_file, profile
 from .quantize import quantize_int8
 from .repair import repair as repair_in_context
 from .score import PlanChecker, Refits, score
+from .segments import Segment
 from .select import Plan, check_target, choose
 from .symbolic import keep_symbolic
 from .verify import Report, verify
@@ -104,7 +106,8 @@ class Study:
             raise LmoptError(f"this study holds {self.method} candidates only; make one with method={method!r}")
         damages, history, best = dict(self.scores.damage), [], None
         for round_index in range(rounds + 1):
-            plan = choose(self.latency, self.prepared.chain_lengths, self.prepared.candidates, damages, target, method)
+            plan = choose(self.latency, self.prepared.chain_lengths, self.prepared.candidates, damages, target, method,
+                          self.prepared.segments)
             optimized, repair_steps = self.build(plan.changes)
             check = self.checker.damage(self.at_precision(optimized))  # quantization in the loop
             history.append({"round": round_index, "changes": [c.key for c in plan.changes], "check_damage": check,
@@ -131,7 +134,7 @@ class Study:
 
             earlier["distillation"] = optimized
             chains = self.prepared.analysis.chains
-            features = [chains[c.chain].positions[c.end] for c in plan.changes]
+            features = [c.end if isinstance(c, Segment) else chains[c.chain].positions[c.end] for c in plan.changes]
             optimized, distilled = distill(self.prepared.model, optimized, features, self.data.fit, self.data.score,
                                            self.distill_minutes, output_kind=self.prepared.kind, progress=self.progress)
         parts, baselines = {}, {}
@@ -139,17 +142,24 @@ class Study:
             parts = {"depth": optimized, "precision": self.int8_original}
             baselines = {"int8 alone": self.int8_original}
             earlier["quantization"], optimized = optimized, self.at_precision(optimized)
+        written, symbolic_note = None, ""  # an int8 model is written at the planning shape
+        if self.precision != "int8":
+            written, symbolic_note = keep_symbolic(self.source, optimized, self.prepared.analysis, plan.changes,
+                                                   self.refits.of(plan.changes), self.data.eval)
+        # Where the plan was timed on the timing twin, the written model is measured against it: the
+        # speed-up a user of the written model gets.
+        timed, timed_note = None, "fixed-shape models"
+        base = timing_base(self.prepared, self.runner) if self.runner is not None else self.prepared.model
+        if written is not None and base is not self.prepared.model:
+            timed = (whole_with(base, self.prepared.analysis, []), with_timing_shapes(written, timing_shapes(base)))
+            timed_note = "the written model (symbolic dims) against the source, at the planning shapes"
         report = verify(self.prepared, self.latency, plan, optimized, self.data.eval, self.scores.damage,
                         runner=self.runner if measure else None, earlier=earlier, parts=parts, baselines=baselines,
-                        target=target, rounds=history,
+                        timed=timed, target=target, rounds=history,
                         repair=[step.to_json() for step in repair_steps] if repair_steps else None,
                         distill=None if distilled is None else distilled.to_json(),
-                        importance_data=self.data.note, refit=self.refits.enabled,
-                        seconds=round(self.seconds + time.perf_counter() - started, 1))
-        written = None  # an int8 model is written at the planning shape
-        if self.precision != "int8":
-            written, report.symbolic_dims = keep_symbolic(self.source, optimized, self.prepared.analysis,
-                                                          plan.changes, self.refits.of(plan.changes), self.data.eval)
+                        importance_data=self.data.note, refit=self.refits.enabled, symbolic_dims=symbolic_note,
+                        measured_models=timed_note, seconds=round(self.seconds + time.perf_counter() - started, 1))
         return restore_order(written or optimized, self.prepared.output_order), report
 
 

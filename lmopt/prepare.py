@@ -8,14 +8,18 @@ import onnx_graphsurgeon as gs
 
 from .algebra import LayerSpec
 from .analysis import Analysis, analyse
+from .apply import apply_candidates
 from .blocks import block_model
 from .candidates import Candidate, enumerate_candidates
 from .errors import LmoptError
+from .inputs import timing_shapes, with_timing_shapes
 from .loader import canonicalise
+from .onnxio import without_value_info
 from .outputs import output_kind, primary_first
 from .passes.merge import rewrite_block
+from .segments import Segment, find_segments, rewrite_segment
 from .select import METHODS, method_filter
-from .symbolic import with_node_names
+from .symbolic import timing_twin, with_node_names
 
 
 @dataclass
@@ -27,6 +31,8 @@ class Prepared:
     candidates: list[Candidate]
     method: str
     output_order: list[str] = field(default_factory=list)  # the source's outputs (the primary is moved first)
+    segments: list[Segment] = field(default_factory=list)  # whole-layer candidates (see lmopt.segments)
+    twin: onnx.ModelProto | None = None  # what whole-model timings run, if not `model` (symbolic.timing_twin)
 
     @property
     def kind(self) -> str | None:
@@ -51,7 +57,8 @@ def prepare(source: str | onnx.ModelProto, input_shapes: dict | None = None, max
                          "optimize")
     candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel, low_rank=True)
                   if method_filter(method, c)]
-    return Prepared(model, steps, analysis, candidates, method, order)
+    segments = [s for s in find_segments(model, analysis) if method_filter(method, s)]
+    return Prepared(model, steps, analysis, candidates, method, order, segments, timing_twin(source, model, analysis))
 
 
 def candidate_graph(prepared: Prepared, cand: Candidate, operator: LayerSpec | None = None) -> gs.Graph:
@@ -60,6 +67,36 @@ def candidate_graph(prepared: Prepared, cand: Candidate, operator: LayerSpec | N
     if not cand.is_original:
         rewrite_block(graph, prepared.analysis.chains[cand.chain], cand, operator)
     return graph
+
+
+def segment_graph(prepared: Prepared, segment: Segment, operator=None) -> gs.Graph:
+    """The whole model with one segment replaced (by its fitted map `operator`, where given)."""
+    graph = gs.import_onnx(prepared.model)
+    rewrite_segment(graph, segment, operator)
+    return graph
+
+
+def timing_base(prepared: Prepared, runner) -> onnx.ModelProto:
+    """The model whole-model timings on `runner` run: the timing twin where there is one and the
+    runner times symbolic input dims, else the canonical model. At int8 the model is written at its
+    fixed shapes (quantized), so it is timed at them."""
+    if prepared.twin is not None and runner.times_symbolic_inputs and runner.precision == "fp32":
+        return prepared.twin
+    return prepared.model
+
+
+def whole_with(base: onnx.ModelProto, analysis: Analysis, changes: list, operators: dict | None = None):
+    """What is timed of `base` (see timing_base) with `changes` applied: from the timing twin, with its
+    timing shapes and without inner shapes, as lmopt writes it (see onnxio.without_value_info)."""
+    changed = apply_candidates(base, analysis, changes, operators) if changes else base
+    shapes = timing_shapes(base)
+    return without_value_info(with_timing_shapes(changed, shapes)) if shapes else changed  # a copy: base stays
+
+
+def segment_models(prepared: Prepared, base: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
+    """`base` with each segment replaced, keyed by segment: what times a segment (a segment removes
+    work no block holds, such as attention's softmax and its LayerNorm)."""
+    return {s.key: whole_with(base, prepared.analysis, [s]) for s in prepared.segments}
 
 
 def block_of(prepared: Prepared, cand: Candidate, graph: gs.Graph) -> onnx.ModelProto:

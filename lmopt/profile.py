@@ -15,14 +15,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .analysis import Analysis
-from .apply import apply_candidates
 from .candidates import Candidate
 from .errors import LmoptError
 from .latency.base import LatencyBackend, get_backend
 from .latency.cache import LatencyCache
 from .latency.profiler import make_table, profile_blocks, read_table
 from .latency.signature import model_fingerprint, structural_signature
-from .prepare import Prepared, block_of, candidate_graph, chain_models
+from .prepare import Prepared, block_of, candidate_graph, chain_models, segment_models, timing_base, whole_with
 from .progress import stage
 from .select import fastest_plan
 
@@ -116,9 +115,9 @@ def time_blocks(runner: LatencyBackend, model: onnx.ModelProto, blocks: dict, ca
 
 def time_candidates(prepared: Prepared, runner: LatencyBackend, cache: LatencyCache | None,
                     progress: bool) -> tuple[dict[str, float], dict[str, str], float]:
-    """(ms, structural signature) of every candidate block and every chain (`chain:N`), and the whole
-    model's ms, on `runner`. A block's signature is cached by model and candidate, so a warm run
-    builds no block model at all."""
+    """(ms, structural signature) of every candidate block, every chain (`chain:N`) and the whole model
+    with each segment replaced (by segment key), and the whole model's ms, on `runner`. A block's
+    signature is cached by model and candidate, so a warm run builds no block model at all."""
     model_key, backend = model_fingerprint(prepared.model), runner.cache_key()
     timed, signatures, pending, representatives = {}, {}, {}, {}
     for cand in stage(prepared.candidates, desc="building blocks", unit="cand", enabled=progress):
@@ -132,14 +131,15 @@ def time_candidates(prepared: Prepared, runner: LatencyBackend, cache: LatencyCa
         # One model per structure: the same block recurs across a network, and holding hundreds of
         # block models with their weights costs gigabytes.
         representatives.setdefault(pending[cand.key], block)
-    measured, chain_signatures, whole_ms = time_blocks(runner, prepared.model,
-                                                       {**representatives, **chain_models(prepared)}, cache, progress)
+    base = timing_base(prepared, runner)
+    wholes = {**chain_models(prepared), **segment_models(prepared, base)}
+    measured, chain_signatures, whole_ms = time_blocks(runner, whole_with(base, prepared.analysis, []),
+                                                       {**representatives, **wholes}, cache, progress)
     for key, signature in pending.items():
         timed[key], signatures[key] = measured[signature], signature
         if cache is not None:
             cache.put_signature(f"{model_key}:{key}", signature)
-    for chain in prepared.analysis.chains:
-        key = f"chain:{chain.index}"
+    for key in wholes:
         timed[key], signatures[key] = measured[key], chain_signatures[key]
     return timed, signatures, whole_ms
 
@@ -150,13 +150,47 @@ def profile(prepared: Prepared, runner: LatencyBackend, cache: LatencyCache | No
     when `runner` times another precision, the whole fp32 model too, on `fp32_runner`."""
     timed, _, whole_ms = time_candidates(prepared, runner, cache, progress)
     chain_ms = {c.index: timed.pop(f"chain:{c.index}") for c in prepared.analysis.chains}
+    replaced_ms = {s.key: timed.pop(s.key) for s in prepared.segments}
     table = assemble(prepared, runner.cache_key(), MEASURED_HERE, timed, chain_ms, whole_ms)
     if runner.precision != "fp32":
         table = replace(table, precision=runner.precision,
                         precision_gain=precision_gain(prepared.model, runner, fp32_runner, whole_ms, cache))
     if runner.precision == "int8" or all(c.kind == "dense" for c in prepared.analysis.chains):
         table = fit_in_context(table, prepared, runner)
-    return table
+    return with_segments(table, prepared, replaced_ms, whole_ms)
+
+
+def with_segments(table: LatencyTable, prepared: Prepared, replaced_ms: dict[str, float],
+                  whole_ms: float) -> LatencyTable:
+    """`table` with a block latency for each segment timed (`replaced_ms`: the whole model with it
+    replaced, timed beside the whole model's `whole_ms`), so that a plan's predicted time drops by
+    what replacing it saves (in the table's units: its estimate of the original over `whole_ms`).
+
+    A region also holds work outside any block (attention's MatMuls and softmax, LayerNorms), counted
+    in the fixed time. That share, what removing the region saves beyond its blocks, moves from the
+    fixed time onto the region's first chain (every plan that keeps the region pays it there), and a
+    segment's latency is then its blocks and that share less the saving."""
+    if not replaced_ms or whole_ms <= 0:
+        return table
+    units = table.estimate_ms / whole_ms
+    saving = {s.key: (whole_ms - replaced_ms[s.key]) * units for s in prepared.segments if s.key in replaced_ms}
+    originals: dict[int, float] = {}
+    for cand in prepared.candidates:
+        if cand.is_original:
+            originals[cand.chain] = originals.get(cand.chain, 0.0) + table.block_ms[cand.key]
+    glue = {s.chains[0]: max(0.0, saving[s.key] - sum(originals[c] for c in s.chains))
+            for s in prepared.segments if s.key in saving and s.regions == 1 and s.mode == "identity"}
+    if sum(glue.values()) > table.fixed_ms:  # the share cannot exceed the fixed time it comes from
+        glue = {c: g * table.fixed_ms / sum(glue.values()) for c, g in glue.items()}
+    block_ms = dict(table.block_ms)
+    for cand in prepared.candidates:
+        if cand.start == 0 and cand.chain in glue:
+            block_ms[cand.key] += glue[cand.chain]
+    for seg in prepared.segments:
+        if seg.key in saving:
+            kept = sum(originals[c] + glue.get(c, 0.0) for c in seg.chains)
+            block_ms[seg.key] = max(0.0, kept - saving[seg.key])
+    return replace(table, block_ms=block_ms, fixed_ms=table.fixed_ms - sum(glue.values()))
 
 
 def precision_gain(model: onnx.ModelProto, runner: LatencyBackend, fp32_runner: LatencyBackend, whole_ms: float,
@@ -189,6 +223,9 @@ def from_file(prepared: Prepared, path: str, backend: str | None = None) -> Late
     timed = {c.key: table["blocks"][c.key]["ms"] for c in prepared.candidates}
     chain_ms = {c.index: table["blocks"][f"chain:{c.index}"]["ms"] for c in prepared.analysis.chains}
     result = assemble(prepared, table["backend"], str(path), timed, chain_ms, float(table["model_ms"]))
+    # Segments timed into the file are offered; a file from before segments existed offers none.
+    replaced_ms = {s.key: table["blocks"][s.key]["ms"] for s in prepared.segments if s.key in table["blocks"]}
+    result = with_segments(result, prepared, replaced_ms, float(table["model_ms"]))
     precision = table["backend"].get("precision", "fp32")
     if precision != "fp32":
         if "model_fp32_ms" not in table:
@@ -226,8 +263,9 @@ def fit_in_context(table: LatencyTable, prepared: Prepared, runner: LatencyBacke
     changes = [c for c in plan or [] if not c.is_original]
     if not changes:
         return table
-    whole_ms, fast_ms = runner.measure_interleaved([prepared.model,
-                                                    apply_candidates(prepared.model, prepared.analysis, changes)])
+    base = timing_base(prepared, runner)
+    whole_ms, fast_ms = runner.measure_interleaved([whole_with(base, prepared.analysis, []),
+                                                    whole_with(base, prepared.analysis, changes)])
     original = sum(table.block_ms[c.key] for c in prepared.candidates if c.is_original)
     fit = two_point_fit(whole_ms, original, fast_ms, sum(table.block_ms[c.key] for c in plan))
     if fit is None:

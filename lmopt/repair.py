@@ -60,7 +60,9 @@ def run_with_outputs(model: onnx.ModelProto, feeds: list[dict], names: list[str]
 
 def repair_targets(optimized: onnx.ModelProto, analysis: Analysis, changes: list[Candidate]) -> list[str]:
     """Names of the layers to repair, in graph order: each change's merged layer, and the first
-    layer after each change when that layer is unchanged (it sees the change's error first)."""
+    layer after each change when that layer is unchanged (it sees the change's error first). Segments
+    are fitted maps already, and repair reaches no MatMul: they are left as they are."""
+    changes = [c for c in changes if isinstance(c, Candidate)]
     names = {node.name for node in optimized.graph.node}
     changed_starts = {(c.chain, c.start) for c in changes}
     wanted = set()

@@ -9,6 +9,7 @@ import onnx
 
 from .analysis import Analysis
 from .candidates import Candidate, removed_activations, removed_branches
+from .segments import Segment
 
 if TYPE_CHECKING:  # verify imports this module
     from .verify import Report
@@ -91,7 +92,19 @@ def format_op_table(before: dict, after: dict) -> str:
     return "\n".join(f"  {r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows)
 
 
-def describe_change(analysis: Analysis, cand: Candidate, latency: dict, damage: dict) -> dict:
+def describe_change(analysis: Analysis, cand: Candidate | Segment, latency: dict, damage: dict) -> dict:
+    if isinstance(cand, Segment):
+        units = [u for index in cand.chains for u in analysis.chains[index].units]
+        return {
+            "block": cand.key,
+            "action": "replace layers by identity" if cand.mode == "identity" else "replace layers by linear map",
+            "layers": [u.layer for u in units],
+            "pruned": [],  # every layer of the segment goes: `layers` says which
+            "span": [cand.start, cand.end],
+            "activations_removed": [u.act.kind for u in units if u.act is not None],
+            "latency_ms": latency[cand.key],
+            "damage": damage[cand.key],
+        }
     chain = analysis.chains[cand.chain]
     layers = [chain.units[k - 1].layer for k in range(cand.start + 1, cand.end + 1)]
     branches = removed_branches(chain, cand)
@@ -134,8 +147,9 @@ def _speed_lines(report) -> list[str]:
                      "than timed alone (fit to the original and the fastest plan, measured whole)")
     if report.measured_speedup is not None:
         before, after = report.measured_ms
-        lines.append(f"  measured (interleaved, one process): {before:.3f} ms -> {after:.3f} ms "
-                     f"= {report.measured_speedup:.2f}x (prediction off by {100 * report.prediction_error:+.1f}%)")
+        lines.append(f"  measured (interleaved, one process; {report.measured_models}): {before:.3f} ms -> "
+                     f"{after:.3f} ms = {report.measured_speedup:.2f}x "
+                     f"(prediction off by {100 * report.prediction_error:+.1f}%)")
         if report.speedup_parts:
             parts = ", ".join(f"{name} alone {value:.2f}x" for name, value in report.speedup_parts.items())
             lines.append(f"  of which (measured alongside, against the fp32 original): {parts}, "
@@ -176,6 +190,10 @@ def format_report(report: Report) -> str:
         removed = change["activations_removed"]
         acts = f", activations removed: {', '.join(removed)}" if removed else ""
         pruned = f", pruned: {', '.join(change['pruned'])}" if change["pruned"] and change["action"] != "prune" else ""
+        if "span" in change:  # a segment: the tensors it joins, and how many layers it holds
+            lines.append(f"    {change['action']:<22} {change['span'][0]} -> {change['span'][1]} "
+                         f"({len(change['layers'])} layers){acts}")
+            continue
         lines.append(f"    {change['action']:<22} {' + '.join(change['layers'])}{pruned}{acts}")
     lines.append(format_op_table(report.before, report.after))
     lines.append(f"  ({report.candidates} candidates, {report.seconds} s)")

@@ -26,9 +26,10 @@ from .latency.cache import LatencyCache
 from .latency.signature import model_fingerprint
 from .metrics import compare, damage
 from .passes.merge import ZERO, BlockBuilder, rewrite_prefix
-from .prepare import Prepared, candidate_graph
+from .prepare import Prepared, candidate_graph, segment_graph
 from .progress import stage
 from .runtime import run_each, run_outputs
+from .segments import Segment, fit_linear
 
 # Bump when the damage measure changes, so cached scores of the old measure are not reused.
 SCORE_VERSION = "damage-v5"
@@ -106,9 +107,10 @@ class Refits:
         self._made: dict[str, object] = {}
         self._scorer: Scorer | None = None
 
-    def operator(self, cand: Candidate) -> LayerSpec | None:
+    def operator(self, cand: Candidate | Segment) -> LayerSpec | None:
         """The refit of a candidate's merged layer, or None to keep the composed weights (refit off,
-        an exact merge, an identity, or too large to solve)."""
+        an exact merge, an identity, or too large to solve); a linear segment's fitted map (None: too
+        few rows, or refit off)."""
         if not self.enabled or cand.is_original:
             return None
         if cand.key not in self._made:
@@ -118,21 +120,28 @@ class Refits:
     def of(self, changes: list[Candidate]) -> dict:
         return {c.key: self.operator(c) for c in changes}
 
-    def _refit(self, cand: Candidate):
+    def _activations(self, names: list[str]) -> list[np.ndarray]:
+        """The original's values of `names` on the fit data; for token values, real tokens only."""
+        if self._scorer is None:  # the original's activations on the fit data, once
+            self._scorer = Scorer(self.prepared.model, self.fit_feeds, chain_positions(self.prepared))
+        values = self._scorer.values(names)
+        keep = real_tokens(self.fit_feeds, values[0].shape)
+        if keep is not None and all(v.shape[:2] == keep.shape for v in values):
+            values = [v[keep] for v in values]
+        return values
+
+    def _refit(self, cand: Candidate | Segment):
+        if isinstance(cand, Segment):
+            return fit_linear(*self._activations([cand.start, cand.end])) if cand.mode == "linear" else None
         chain = self.prepared.analysis.chains[cand.chain]
         builder = BlockBuilder(gs.import_onnx(self.prepared.model), chain, cand)
         merged, explicit = builder.build()
         if merged is None or merged is ZERO or builder.is_exact():
             return None
-        if self._scorer is None:  # the original's activations on the fit data, once
-            self._scorer = Scorer(self.prepared.model, self.fit_feeds, chain_positions(self.prepared))
         names = [chain.positions[cand.start], chain.units[cand.end - 1].pre_act]
         if explicit is not None:
             names.append(explicit.tensor)
-        values = self._scorer.values(names)
-        keep = real_tokens(self.fit_feeds, values[0].shape) if not isinstance(merged, ConvSpec) else None
-        if keep is not None and all(v.shape[:2] == keep.shape for v in values):
-            values = [v[keep] for v in values]
+        values = self._activations(names)
         target = values[1] - values[2] if explicit is not None else values[1]
         if isinstance(merged, ConvSpec):
             return refit_conv(merged, values[0], target)
@@ -153,14 +162,22 @@ def score(prepared: Prepared, data: Data, refits: Refits, cache: LatencyCache | 
     depends = ("refit-tokens" if refits.enabled else "plain") + f"-{prepared.kind}"
     prefix = (f"{SCORE_VERSION}:{depends}:{model_fingerprint(prepared.model)}:"
               f"{feeds_fingerprint(data.calibration)}:")
+    # A linear segment needs its fitted map: without fit data it is not offered.
+    segments = [s for s in prepared.segments if s.mode == "identity" or refits.enabled]
     scorer, damages = None, {}
-    for cand in stage(prepared.candidates, desc="scoring", unit="cand", enabled=progress):
+    for cand in stage([*prepared.candidates, *segments], desc="scoring", unit="cand", enabled=progress):
         value = 0.0 if cand.is_original else (cache.get_score(prefix + cand.key) if cache is not None else None)
         if value is None:
+            operator = refits.operator(cand)
+            if isinstance(cand, Segment) and cand.mode == "linear" and operator is None:
+                continue  # too few fit rows for the map
             if scorer is None:  # the original's activations on the score data: only when something is scored
                 scorer = Scorer(prepared.model, data.score, chain_positions(prepared), kind=prepared.kind)
-            graph = candidate_graph(prepared, cand, refits.operator(cand))
-            value = max(0.0, damage(scorer.score(graph, rewrite_prefix(cand))))
+            if isinstance(cand, Segment):
+                graph, changed = segment_graph(prepared, cand, operator), cand.prefix
+            else:
+                graph, changed = candidate_graph(prepared, cand, operator), rewrite_prefix(cand)
+            value = max(0.0, damage(scorer.score(graph, changed)))
             if cache is not None:
                 cache.put_score(prefix + cand.key, value)
         damages[cand.key] = value

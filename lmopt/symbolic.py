@@ -17,9 +17,9 @@ from .analysis import Analysis
 from .apply import apply_candidates
 from .candidates import Candidate
 from .graph import infer_shapes
-from .inputs import integer_input
+from .inputs import integer_input, with_timing_shapes
 from .loader import check_opsets
-from .onnxio import graph_inputs, input_dtype, load_model
+from .onnxio import graph_inputs, input_dtype, load_model, without_value_info
 from .outputs import float_outputs, run_named
 from .passes.base import run_passes
 from .passes.canonical import CANONICAL_SYMBOLIC
@@ -129,10 +129,37 @@ def keep_symbolic(source: str | os.PathLike | onnx.ModelProto, planned: onnx.Mod
                 return None, f"kept fixed: at another shape the rewritten model's {name!r} has the wrong shape"
     except Exception as exc:  # noqa: BLE001 - any failure here only means the fixed-shape model is written
         return None, f"kept fixed: the plan does not apply with symbolic dims ({type(exc).__name__})"
-    return model, "symbolic dims kept: " + ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in dims.items())
+    return without_value_info(model), "symbolic dims kept: " + ", ".join(f"{k}[{','.join(map(str, v))}]"
+                                                                        for k, v in dims.items())
 
 
 def with_node_names(source: str | os.PathLike | onnx.ModelProto) -> str | os.PathLike | onnx.ModelProto:
     """`source` with every node named (see name_nodes) when its inputs have symbolic dims, else as is."""
     model = source_model(source)
     return name_nodes(model) if symbolic_dims(model) else source
+
+
+def timing_twin(source: str | os.PathLike | onnx.ModelProto, canonical: onnx.ModelProto,
+                analysis: Analysis) -> onnx.ModelProto | None:
+    """What whole-model timings run for a model whose chains are all dense (a transformer) and whose
+    source has symbolic input dims: the source canonicalised with those dims kept, carrying the
+    planning shapes (`canonical`'s inputs) for its feeds. ONNX Runtime runs a fixed-shape transformer
+    differently from the symbolic one a user deploys (MatMul+Add become Reshape+Gemm+Reshape, and the
+    bias no longer fuses into GELU), slower and not by the same factor after a plan; timing the twin
+    makes planned speed-ups those of the written model. None otherwise, or when the twin lacks a
+    tensor the plan's rewrites name: convolutional networks are timed at their fixed shapes."""
+    if not analysis.chains or any(c.kind != "dense" for c in analysis.chains):
+        return None
+    original = name_nodes(source_model(source))
+    if not symbolic_dims(original):
+        return None
+    try:
+        twin = canonical_symbolic(original)
+    except Exception:  # noqa: BLE001 - without a twin, timings use the fixed-shape model as before
+        return None
+    names = {t for node in twin.graph.node for t in node.output} | {vi.name for vi in graph_inputs(twin)}
+    needed = {t for c in analysis.chains for t in c.positions} | {u.pre_act for c in analysis.chains for u in c.units}
+    if not needed <= names:
+        return None
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in graph_inputs(canonical)}
+    return with_timing_shapes(twin, shapes)

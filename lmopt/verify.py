@@ -51,6 +51,7 @@ class Report:
     repair: list[dict] | None = None
     distill: dict | None = None
     symbolic_dims: str = ""
+    measured_models: str = "fixed-shape models"  # what the measured speed-up timed (see Study.plan)
     seconds: float = 0.0
     batch: str | None = None  # what the CLI did with the batch dim (see lmopt.dynamic)
     written_to: str | None = None
@@ -79,10 +80,11 @@ def measure(runner: LatencyBackend | None, original: onnx.ModelProto, optimized:
 def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.ModelProto, eval_feeds: list[dict],
            scores: dict[str, float], *, runner: LatencyBackend | None, earlier: dict[str, onnx.ModelProto],
            parts: dict[str, onnx.ModelProto] | None = None, baselines: dict[str, onnx.ModelProto] | None = None,
-           **details) -> Report:
+           timed: tuple[onnx.ModelProto, onnx.ModelProto] | None = None, **details) -> Report:
     """The Report of `optimized`, made from `plan`: fidelity on `eval_feeds`, also of the `earlier`
     models (by the step that followed them) and of `baselines`, and speed measured on `runner` where
-    given, with each of `parts` (e.g. depth alone, precision alone) measured alongside. `details`
+    given, with each of `parts` (e.g. depth alone, precision alone) measured alongside; `timed`: the
+    (original, optimized) pair to time instead of the fixed-shape ones (same plan). `details`
     fill the Report's remaining fields (rounds, repair, distill, importance_data, refit, target)."""
     onnx.checker.check_model(optimized)
     reference = run_outputs(prepared.model, eval_feeds)
@@ -91,7 +93,7 @@ def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.
         return compare(reference, run_outputs(model, eval_feeds), kind=prepared.kind)
 
     per_output = output_fidelity(prepared.model, optimized, eval_feeds)
-    measured_ms, measured, speedup_parts = measure(runner, prepared.model, optimized, parts or {})
+    measured_ms, measured, speedup_parts = measure(runner, *(timed or (prepared.model, optimized)), parts or {})
     return Report(
         method=plan.method, backend=table.backend, latency_source=table.source, latency_scale=table.scale,
         target_met=plan.target_met, original_ms=table.fp32_ms, predicted_ms=table.fp32_ms / plan.predicted_speedup,

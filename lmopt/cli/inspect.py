@@ -10,6 +10,7 @@ from ..candidates import enumerate_candidates
 from ..loader import canonicalise, parse_input_shapes, quantized_ops
 from ..onnxio import load_model
 from ..report import op_table, weight_bytes
+from ..segments import find_segments
 from .common import add_model_arguments, print_json
 
 
@@ -80,6 +81,8 @@ def summary(model: onnx.ModelProto, steps: dict, max_kernel: int, weights: dict[
         "residual_spans": sum(1 for c in analysis.chains for u in c.units if u.skip),
         "blocks": sum(c["blocks"] for c in chains),
         "candidates": len(candidates),
+        "segments": [{"chains": [s.chains[0], s.chains[-1]], "start": s.start, "end": s.end, "regions": s.regions}
+                     for s in find_segments(model, analysis) if s.mode == "identity"],
         "stops": analysis.stops,
         "unsupported": analysis.unsupported,
         "weights": {"bytes": sum(weights.values()), "by_dtype": dict(weights)},
@@ -115,6 +118,11 @@ def run(args) -> int:
                      if "shortcut" in unit else "")
             act = unit["activation"] or "-"
             print(f"  {unit['unit']:>3}  {unit['what']:<24} {act:<10}{extra}")
+    if info["segments"]:
+        print(f"\nwhole-layer candidates ({len(info['segments'])} spans, each as identity or fitted linear map):")
+        for seg in info["segments"]:
+            print(f"  chains {seg['chains'][0]}-{seg['chains'][1]} ({seg['regions']} region"
+                  f"{'s' if seg['regions'] > 1 else ''}): {seg['start']} -> {seg['end']}")
     if info["unsupported"]:
         print("\nnot handled:")
         for reason in info["unsupported"]:

@@ -137,6 +137,9 @@ class LatencyBackend(abc.ABC):
     name: str = ""
     precisions: tuple[str, ...] = ("fp32", "fp16")  # what this backend can time
     uses_tf32 = False  # GPU backends: True (the TF32 policy is applied and recorded in the cache key)
+    # Times models with symbolic input dims at the shapes they carry (inputs.TIMING_SHAPES): what
+    # prepare.timing_base needs. Engine builders that want an optimisation profile per shape do not.
+    times_symbolic_inputs = False
 
     def __init__(self, precision: str = "fp32", batch: int | None = None, warmup_s: float = 0.2,
                  runs: int = 20, min_time_s: float = 0.5, max_time_s: float = 10.0, tf32: bool = True):

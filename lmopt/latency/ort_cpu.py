@@ -64,6 +64,7 @@ class OrtCpuBackend(LatencyBackend):
 
     name = "ort-cpu"
     precisions = ("fp32", "int8")
+    times_symbolic_inputs = True
 
     def __init__(self, threads: int | None = None, **options: Any):
         super().__init__(**options)

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..inputs import TIMING_SHAPES
+
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16}
 
@@ -103,6 +105,8 @@ class _Walker:
 def _digest(model: onnx.ModelProto, with_values: bool) -> str:
     opsets = sorted((o.domain or "ai.onnx", o.version) for o in model.opset_import)
     desc = [opsets, _Walker(with_values).graph(model.graph)]
+    # the shapes a model with symbolic input dims is timed at decide its time
+    desc += [[p.key, p.value] for p in model.metadata_props if p.key == TIMING_SHAPES]
     text = json.dumps(desc, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
