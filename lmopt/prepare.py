@@ -1,6 +1,8 @@
 """The first stage: a canonical model, its chains and the candidate blocks every later stage reads."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -93,10 +95,11 @@ def whole_with(base: onnx.ModelProto, analysis: Analysis, changes: list, operato
     return without_value_info(with_timing_shapes(changed, shapes)) if shapes else changed  # a copy: base stays
 
 
-def segment_models(prepared: Prepared, base: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
-    """`base` with each segment replaced, keyed by segment: what times a segment (a segment removes
-    work no block holds, such as attention's softmax and its LayerNorm)."""
-    return {s.key: whole_with(base, prepared.analysis, [s]) for s in prepared.segments}
+def segment_models(prepared: Prepared, base: onnx.ModelProto) -> dict[str, Callable[[], onnx.ModelProto]]:
+    """Builders of `base` with each segment replaced, keyed by segment: what times a segment (a segment
+    removes work no block holds, such as attention's softmax and its LayerNorm). Builders, not models:
+    a whole model per segment of a large network does not fit in memory at once."""
+    return {s.key: functools.partial(whole_with, base, prepared.analysis, [s]) for s in prepared.segments}
 
 
 def block_of(prepared: Prepared, cand: Candidate, graph: gs.Graph) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ from .candidates import Candidate
 from .errors import LmoptError
 from .latency.base import LatencyBackend, get_backend
 from .latency.cache import LatencyCache
-from .latency.profiler import make_table, profile_blocks, read_table
+from .latency.profiler import make_table, profile_blocks, profile_relative, read_table
 from .latency.signature import model_fingerprint, structural_signature
 from .prepare import Prepared, block_of, candidate_graph, chain_models, segment_models, timing_base, whole_with
 from .progress import stage
@@ -116,8 +116,9 @@ def time_blocks(runner: LatencyBackend, model: onnx.ModelProto, blocks: dict, ca
 def time_candidates(prepared: Prepared, runner: LatencyBackend, cache: LatencyCache | None,
                     progress: bool) -> tuple[dict[str, float], dict[str, str], float]:
     """(ms, structural signature) of every candidate block, every chain (`chain:N`) and the whole model
-    with each segment replaced (by segment key), and the whole model's ms, on `runner`. A block's
-    signature is cached by model and candidate, so a warm run builds no block model at all."""
+    with each segment replaced (by segment key: timed interleaved with the whole model, see
+    profile_relative), and the whole model's ms, on `runner`. A block's signature is cached by model
+    and candidate, so a warm run builds no block model at all."""
     model_key, backend = model_fingerprint(prepared.model), runner.cache_key()
     timed, signatures, pending, representatives = {}, {}, {}, {}
     for cand in stage(prepared.candidates, desc="building blocks", unit="cand", enabled=progress):
@@ -132,15 +133,18 @@ def time_candidates(prepared: Prepared, runner: LatencyBackend, cache: LatencyCa
         # block models with their weights costs gigabytes.
         representatives.setdefault(pending[cand.key], block)
     base = timing_base(prepared, runner)
-    wholes = {**chain_models(prepared), **segment_models(prepared, base)}
-    measured, chain_signatures, whole_ms = time_blocks(runner, whole_with(base, prepared.analysis, []),
-                                                       {**representatives, **wholes}, cache, progress)
+    whole = whole_with(base, prepared.analysis, [])
+    chains = chain_models(prepared)
+    measured, chain_signatures, whole_ms = time_blocks(runner, whole, {**representatives, **chains}, cache, progress)
     for key, signature in pending.items():
         timed[key], signatures[key] = measured[signature], signature
         if cache is not None:
             cache.put_signature(f"{model_key}:{key}", signature)
-    for key in wholes:
+    for key in chains:
         timed[key], signatures[key] = measured[key], chain_signatures[key]
+    ratios, segment_signatures = profile_relative(whole, segment_models(prepared, base), runner, cache, progress)
+    for key, ratio in ratios.items():
+        timed[key], signatures[key] = whole_ms * ratio, segment_signatures[key]
     return timed, signatures, whole_ms
 
 

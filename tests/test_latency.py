@@ -452,3 +452,39 @@ def test_fp16_retargets_integer_to_float_casts(keep_io_types):
     (out,) = run_ort(half, {"scores": scores if keep_io_types else scores.astype(np.float16), "mask": mask})
     assert out.dtype == (np.float32 if keep_io_types else np.float16)
     np.testing.assert_allclose(out.astype(np.float32), ref, atol=FP16_ATOL, rtol=FP16_RTOL)
+
+
+class InterleavingBackend(CountingBackend):
+    """'Times' a model as its input width, in interleaved calls that it records."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups = []
+
+    def measure_interleaved(self, models, rounds=20):
+        self.groups.append(len(models))
+        return [self.measure(model) for model in models]
+
+
+def test_profile_relative_times_each_model_with_the_reference_and_caches_the_ratio(tmp_path):
+    from lmopt.latency.profiler import profile_relative
+
+    reference = conv_block(size=32)
+    built = []
+
+    def builder(i, size):
+        def build():
+            built.append(i)
+            return conv_block(size=size, seed=i)
+        return build
+
+    builders = {f"m{i}": builder(i, size) for i, size in enumerate([8, 16, 24, 40, 48, 56])}
+    backend = InterleavingBackend()
+    with LatencyCache(tmp_path / "c.sqlite") as cache:
+        ratios, signatures = profile_relative(reference, builders, backend, cache, progress=False, group=4)
+        assert ratios == pytest.approx({"m0": 0.25, "m1": 0.5, "m2": 0.75, "m3": 1.25, "m4": 1.5, "m5": 1.75})
+        assert backend.groups == [5, 3]  # the reference first in every group
+        assert built == list(range(6)) and len(set(signatures.values())) == 6
+        again = InterleavingBackend()
+        assert profile_relative(reference, builders, again, cache, progress=False)[0] == ratios
+        assert again.groups == []  # all cached

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -69,6 +70,43 @@ def profile_blocks(blocks: dict[str, onnx.ModelProto], backend: LatencyBackend,
                        "the GPU time): their latencies may include GPU idle time",
                        bound, len(todo), backend.name, ENQUEUE_BOUND_RATIO)
     return {name: ms_of[sig] for name, sig in sig_of.items()}
+
+
+def profile_relative(reference: onnx.ModelProto, builders: dict[str, Callable[[], onnx.ModelProto]],
+                     backend: LatencyBackend, cache: LatencyCache | None = None, progress: bool = True,
+                     group: int = 4, desc: str = "timing segments") -> tuple[dict[str, float], dict[str, str]]:
+    """(each model's time as a fraction of `reference`'s, each model's structural signature). Each
+    model is timed interleaved with `reference`, `group` at a time: whole models that differ by a
+    little (one layer replaced) are told apart by the difference of their times, and two times taken
+    one after the other drift apart with the machine's load more than that. The models are built by
+    `builders`, a group at a time, and dropped after it: a whole model per segment of a large network
+    does not fit in memory at once. Cached by the pair's signatures (the cache holds a ratio there)."""
+    from ..progress import stage
+
+    key, reference_signature = backend.cache_key(), structural_signature(reference)
+    ratios: dict[str, float] = {}
+    signatures: dict[str, str] = {}
+    names = list(builders)
+    with stage(total=len(names), desc=desc, unit="model", enabled=progress) as bar:
+        for begin in range(0, len(names), group):
+            todo = []
+            for name in names[begin:begin + group]:
+                model = builders[name]()
+                signatures[name] = structural_signature(model)
+                pair = f"ratio:{reference_signature}:{signatures[name]}"
+                cached = cache.get(pair, key) if cache is not None else None
+                if cached is not None:
+                    ratios[name] = cached
+                else:
+                    todo.append((name, pair, model))
+            if todo:
+                times = backend.measure_interleaved([reference] + [model for _, _, model in todo])
+                for (name, pair, _), ms in zip(todo, times[1:]):
+                    ratios[name] = ms / times[0]
+                    if cache is not None:
+                        cache.put(pair, key, ratios[name])
+            bar.update(len(names[begin:begin + group]))
+    return ratios, signatures
 
 
 def make_table(model: onnx.ModelProto, backend_key: dict, latencies: dict[str, float],
