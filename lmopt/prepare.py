@@ -60,7 +60,8 @@ def prepare(source: str | onnx.ModelProto, input_shapes: dict | None = None, max
     candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel, low_rank=True)
                   if method_filter(method, c)]
     segments = [s for s in find_segments(model, analysis) if method_filter(method, s)]
-    return Prepared(model, steps, analysis, candidates, method, order, segments, timing_twin(source, model, analysis))
+    twin = timing_twin(source, model, analysis, {t for s in segments for t in (s.start, s.end)})
+    return Prepared(model, steps, analysis, candidates, method, order, segments, twin)
 
 
 def candidate_graph(prepared: Prepared, cand: Candidate, operator: LayerSpec | None = None) -> gs.Graph:

@@ -26,6 +26,7 @@ MAX_REGIONS = 2  # regions per segment
 
 @dataclass(frozen=True)
 class Segment:
+    """A whole-layer candidate; like a Candidate, it has a key and is never the original."""
     start: str                 # the residual-stream tensor the segment reads
     end: str                   # the tensor it replaces (same shape)
     chains: tuple[int, ...]    # the chains inside it, a run of consecutive chain indices
@@ -81,8 +82,8 @@ def find_segments(model: onnx.ModelProto, analysis: Analysis) -> list[Segment]:
     regions = []  # (start, end, chains)
     for start, end in zip(cuts, cuts[1:]):
         inside = downstream_nodes(tensors[start]) & upstream_nodes([tensors[end]])
-        held = [i for i, names_ in layers.items() if all(node_ids[n] in inside for n in names_)]
-        partial = [i for i, names_ in layers.items() if i not in held and any(node_ids[n] in inside for n in names_)]
+        held = [i for i, nodes in layers.items() if all(node_ids[n] in inside for n in nodes)]
+        partial = [i for i, nodes in layers.items() if i not in held and any(node_ids[n] in inside for n in nodes)]
         regions.append((start, end, held if held and not partial else None))
     shapes = {name: tensors[name].shape for name in cuts}
     segments = []
@@ -98,10 +99,6 @@ def find_segments(model: onnx.ModelProto, analysis: Analysis) -> list[Segment]:
                 continue
             segments += [Segment(start, end, tuple(held), mode, count, int(shapes[start][-1])) for mode in MODES]
     return segments
-
-
-def covers(segment: Segment, chain: int) -> bool:
-    return segment.chains[0] <= chain <= segment.chains[-1]
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray) -> DenseSpec | None:

@@ -139,15 +139,16 @@ def with_node_names(source: str | os.PathLike | onnx.ModelProto) -> str | os.Pat
     return name_nodes(model) if symbolic_dims(model) else source
 
 
-def timing_twin(source: str | os.PathLike | onnx.ModelProto, canonical: onnx.ModelProto,
-                analysis: Analysis) -> onnx.ModelProto | None:
+def timing_twin(source: str | os.PathLike | onnx.ModelProto, canonical: onnx.ModelProto, analysis: Analysis,
+                tensors: set[str] = frozenset()) -> onnx.ModelProto | None:
     """What whole-model timings run for a model whose chains are all dense (a transformer) and whose
     source has symbolic input dims: the source canonicalised with those dims kept, carrying the
     planning shapes (`canonical`'s inputs) for its feeds. ONNX Runtime runs a fixed-shape transformer
     differently from the symbolic one a user deploys (MatMul+Add become Reshape+Gemm+Reshape, and the
     bias no longer fuses into GELU), slower and not by the same factor after a plan; timing the twin
-    makes planned speed-ups those of the written model. None otherwise, or when the twin lacks a
-    tensor the plan's rewrites name: convolutional networks are timed at their fixed shapes."""
+    (without inner shapes: see prepare.whole_with) makes planned speed-ups those of the written model.
+    None otherwise, or when the twin lacks a tensor the rewrites name (the chains', and `tensors`):
+    convolutional networks are timed at their fixed shapes."""
     if not analysis.chains or any(c.kind != "dense" for c in analysis.chains):
         return None
     original = name_nodes(source_model(source))
@@ -159,7 +160,7 @@ def timing_twin(source: str | os.PathLike | onnx.ModelProto, canonical: onnx.Mod
         return None
     names = {t for node in twin.graph.node for t in node.output} | {vi.name for vi in graph_inputs(twin)}
     needed = {t for c in analysis.chains for t in c.positions} | {u.pre_act for c in analysis.chains for u in c.units}
-    if not needed <= names:
+    if not (needed | set(tensors)) <= names:
         return None
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in graph_inputs(canonical)}
     return with_timing_shapes(twin, shapes)
