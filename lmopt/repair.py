@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .algebra.linear import ConvSpec, DenseSpec
-from .algebra.refit import refit_conv, refit_dense
+from .algebra.refit import affine_fit, refit_conv, refit_dense
 from .analysis import Analysis
 from .candidates import Candidate
 from .graph import to_model
@@ -117,16 +117,6 @@ def _scaled(spec, scale: np.ndarray, shift: np.ndarray):
         return ConvSpec(weight, spec.bias * scale + shift, spec.strides, spec.pads_begin, spec.pads_end,
                         spec.dilations, spec.group)
     return DenseSpec(spec.weight * scale[None, :], spec.bias * scale + shift)
-
-
-def affine_fit(current: np.ndarray, target: np.ndarray, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (scale, shift) minimising ||scale * current + shift - target||^2."""
-    z = np.moveaxis(current, channel_axis, 0).reshape(current.shape[channel_axis], -1).astype(np.float64)
-    y = np.moveaxis(target, channel_axis, 0).reshape(target.shape[channel_axis], -1).astype(np.float64)
-    zc, yc = z - z.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
-    variance = (zc ** 2).mean(1)
-    scale = np.where(variance > 1e-12, (zc * yc).mean(1) / np.maximum(variance, 1e-12), 1.0)
-    return scale, y.mean(1) - scale * z.mean(1)
 
 
 def _spec_of(model: onnx.ModelProto, node_name: str):

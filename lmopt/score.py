@@ -109,8 +109,8 @@ class Refits:
 
     def operator(self, cand: Candidate | Segment) -> LayerSpec | None:
         """The refit of a candidate's merged layer, or None to keep the composed weights (refit off,
-        an exact merge, an identity, or too large to solve); a linear segment's fitted map (None: too
-        few rows, or refit off)."""
+        an exact merge, an identity, or too large to solve); a linear segment's fitted map (None: refit
+        off)."""
         if not self.enabled or cand.is_original:
             return None
         if cand.key not in self._made:
@@ -170,7 +170,7 @@ def score(prepared: Prepared, data: Data, refits: Refits, cache: LatencyCache | 
         if value is None:
             operator = refits.operator(cand)
             if isinstance(cand, Segment) and cand.mode == "linear" and operator is None:
-                continue  # too few fit rows for the map
+                continue  # no map without fit data
             if scorer is None:  # the original's activations on the score data: only when something is scored
                 scorer = Scorer(prepared.model, data.score, chain_positions(prepared), kind=prepared.kind)
             if isinstance(cand, Segment):

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .algebra.linear import DenseSpec, identity_dense
-from .algebra.refit import refit_dense
+from .algebra.refit import affine_fit, refit_dense
 from .analysis import Analysis
 from .blocks import downstream_nodes, upstream_nodes
 
@@ -101,14 +101,17 @@ def find_segments(model: onnx.ModelProto, analysis: Analysis) -> list[Segment]:
     return segments
 
 
-def fit_linear(x: np.ndarray, y: np.ndarray) -> DenseSpec | None:
+def fit_linear(x: np.ndarray, y: np.ndarray) -> DenseSpec:
     """The map y ~ x W + b by ridge least squares, fitted as a correction of the identity (x + ...),
-    so that the regulariser pulls towards the layer removed rather than towards zero. None when the
-    rows are too few (see algebra.refit)."""
+    so that the regulariser pulls towards the layer removed rather than towards zero. With too few
+    rows for a full map (see algebra.refit), a per-channel scale and shift (a diagonal W), which
+    still corrects what the identity gets most wrong in a post-norm network: the LayerNorm scale
+    and bias of the segment's end against those of its start."""
     width = x.shape[-1]
     residual = refit_dense(identity_dense(width), x, y - x)
     if residual is None:
-        return None
+        scale, shift = affine_fit(x, y, channel_axis=-1)
+        return DenseSpec(np.diag(scale), shift)
     return DenseSpec(residual.weight + np.eye(width), residual.bias)
 
 

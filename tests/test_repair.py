@@ -5,6 +5,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import lmopt.repair as repair_module
+from lmopt.algebra.refit import affine_fit
 from lmopt.analysis import analyse
 from lmopt.apply import apply_candidates
 from lmopt.calib import calibration_sets
@@ -12,7 +13,7 @@ from lmopt.candidates import enumerate_candidates
 from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise
 from lmopt.metrics import compare, damage
-from lmopt.repair import affine_fit, repair, run_with_outputs
+from lmopt.repair import repair, run_with_outputs
 from models.zoo import build, smooth_images
 
 

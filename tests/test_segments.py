@@ -89,7 +89,11 @@ def test_fit_linear_recovers_a_linear_map():
     # exact up to the ridge term (1e-6 of the Gram matrix's mean diagonal: a 1e-6 relative pull)
     np.testing.assert_allclose(fitted.weight, weight, atol=1e-5)
     np.testing.assert_allclose(fitted.bias, bias, atol=1e-5)
-    assert fit_linear(x[:50], x[:50]) is None  # too few rows per unknown: no fit
+    # too few rows per unknown for a full map: a per-channel scale and shift, recovered exactly
+    scale, shift = rng.uniform(0.5, 2.0, 12), rng.standard_normal(12)
+    few = fit_linear(x[:50], x[:50] * scale + shift)
+    np.testing.assert_allclose(few.weight, np.diag(scale), atol=1e-9)
+    np.testing.assert_allclose(few.bias, shift, atol=1e-9)
 
 
 def test_fitted_map_beats_the_identity_on_held_out_tokens():

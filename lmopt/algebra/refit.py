@@ -75,3 +75,13 @@ def refit_dense(spec: DenseSpec, x: np.ndarray, y: np.ndarray, seed: int = 0) ->
     rows = _rows(x.shape[0], np.random.default_rng(seed))
     solution = _solve(x[rows], y[rows])
     return DenseSpec(solution[:-1], solution[-1])
+
+
+def affine_fit(current: np.ndarray, target: np.ndarray, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, shift) minimising ||scale * current + shift - target||^2."""
+    z = np.moveaxis(current, channel_axis, 0).reshape(current.shape[channel_axis], -1).astype(np.float64)
+    y = np.moveaxis(target, channel_axis, 0).reshape(target.shape[channel_axis], -1).astype(np.float64)
+    zc, yc = z - z.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+    variance = (zc ** 2).mean(1)
+    scale = np.where(variance > 1e-12, (zc * yc).mean(1) / np.maximum(variance, 1e-12), 1.0)
+    return scale, y.mean(1) - scale * z.mean(1)
