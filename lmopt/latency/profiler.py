@@ -83,10 +83,12 @@ def profile_relative(reference: onnx.ModelProto, builders: dict[str, Callable[[]
     does not fit in memory at once. Cached by the pair's signatures (the cache holds a ratio there)."""
     from ..progress import stage
 
-    key, reference_signature = backend.cache_key(), structural_signature(reference)
     ratios: dict[str, float] = {}
     signatures: dict[str, str] = {}
     names = list(builders)
+    if not names:  # nothing to time (a model without segments): no progress line either
+        return ratios, signatures
+    key, reference_signature = backend.cache_key(), structural_signature(reference)
     with stage(total=len(names), desc=desc, unit="model", enabled=progress) as bar:
         for begin in range(0, len(names), group):
             todo = []
