@@ -51,7 +51,8 @@ def prepare(source: str | onnx.ModelProto, input_shapes: dict | None = None, max
     """Canonicalise `source`, find its chains and the candidates `method` may use."""
     if method not in METHODS:
         raise LmoptError(f"unknown method {method!r} (choose from: {', '.join(METHODS)})")
-    model, steps = canonicalise(with_node_names(source), input_shapes)
+    named = with_node_names(source)  # canonicalise copies it; the timing twin reads it too
+    model, steps = canonicalise(named, input_shapes)
     order = primary_first(model)
     analysis = analyse(model)
     if not analysis.chains:
@@ -60,22 +61,18 @@ def prepare(source: str | onnx.ModelProto, input_shapes: dict | None = None, max
     candidates = [c for c in enumerate_candidates(analysis, gs.import_onnx(model), max_kernel=max_kernel, low_rank=True)
                   if method_filter(method, c)]
     segments = [s for s in find_segments(model, analysis) if method_filter(method, s)]
-    twin = timing_twin(source, model, analysis, {t for s in segments for t in (s.start, s.end)})
+    twin = timing_twin(named, model, analysis, {t for s in segments for t in (s.start, s.end)})
     return Prepared(model, steps, analysis, candidates, method, order, segments, twin)
 
 
-def candidate_graph(prepared: Prepared, cand: Candidate, operator: LayerSpec | None = None) -> gs.Graph:
-    """The whole model with one candidate rewritten (with refit weights `operator`, where given)."""
+def candidate_graph(prepared: Prepared, cand: Candidate | Segment, operator: LayerSpec | None = None) -> gs.Graph:
+    """The whole model with one candidate or segment rewritten (with refit weights, or a segment's
+    fitted map, `operator`, where given)."""
     graph = gs.import_onnx(prepared.model)
-    if not cand.is_original:
+    if isinstance(cand, Segment):
+        rewrite_segment(graph, cand, operator)
+    elif not cand.is_original:
         rewrite_block(graph, prepared.analysis.chains[cand.chain], cand, operator)
-    return graph
-
-
-def segment_graph(prepared: Prepared, segment: Segment, operator=None) -> gs.Graph:
-    """The whole model with one segment replaced (by its fitted map `operator`, where given)."""
-    graph = gs.import_onnx(prepared.model)
-    rewrite_segment(graph, segment, operator)
     return graph
 
 

@@ -26,7 +26,7 @@ from .latency.cache import LatencyCache
 from .latency.signature import model_fingerprint
 from .metrics import compare, damage
 from .passes.merge import ZERO, BlockBuilder, rewrite_prefix
-from .prepare import Prepared, candidate_graph, segment_graph
+from .prepare import Prepared, candidate_graph
 from .progress import stage
 from .runtime import run_each, run_outputs
 from .segments import Segment, fit_linear
@@ -168,16 +168,10 @@ def score(prepared: Prepared, data: Data, refits: Refits, cache: LatencyCache | 
     for cand in stage([*prepared.candidates, *segments], desc="scoring", unit="cand", enabled=progress):
         value = 0.0 if cand.is_original else (cache.get_score(prefix + cand.key) if cache is not None else None)
         if value is None:
-            operator = refits.operator(cand)
-            if isinstance(cand, Segment) and cand.mode == "linear" and operator is None:
-                continue  # no map without fit data
             if scorer is None:  # the original's activations on the score data: only when something is scored
                 scorer = Scorer(prepared.model, data.score, chain_positions(prepared), kind=prepared.kind)
-            if isinstance(cand, Segment):
-                graph, changed = segment_graph(prepared, cand, operator), cand.prefix
-            else:
-                graph, changed = candidate_graph(prepared, cand, operator), rewrite_prefix(cand)
-            value = max(0.0, damage(scorer.score(graph, changed)))
+            graph = candidate_graph(prepared, cand, refits.operator(cand))
+            value = max(0.0, damage(scorer.score(graph, rewrite_prefix(cand))))
             if cache is not None:
                 cache.put_score(prefix + cand.key, value)
         damages[cand.key] = value

@@ -19,6 +19,7 @@ from .algebra.linear import DenseSpec, identity_dense
 from .algebra.refit import affine_fit, refit_dense
 from .analysis import Analysis
 from .blocks import downstream_nodes, upstream_nodes
+from .passes.merge import rewrite_prefix
 
 MODES = ("identity", "linear")
 MAX_REGIONS = 2  # regions per segment
@@ -41,11 +42,6 @@ class Segment:
     @property
     def is_original(self) -> bool:
         return False
-
-    @property
-    def prefix(self) -> str:
-        """Name prefix of the nodes the rewrite creates (how scoring finds what changed)."""
-        return f"lmopt[{self.key}]/"
 
 
 def _reaches_output_avoiding(start: gs.Tensor, cut: gs.Tensor, output: gs.Tensor) -> bool:
@@ -120,14 +116,15 @@ def rewrite_segment(graph: gs.Graph, segment: Segment, operator: DenseSpec | Non
     without one, a linear segment gets the identity's weights: right structure, for timing)."""
     tensors = graph.tensors()
     x, y = tensors[segment.start], tensors[segment.end]
+    prefix = rewrite_prefix(segment)
     y.inputs.clear()  # detaches the old producer; the segment's nodes become dead and are cleaned up
     if segment.mode == "identity":
-        graph.nodes.append(gs.Node("Identity", f"{segment.prefix}Identity", {}, [x], [y]))
+        graph.nodes.append(gs.Node("Identity", f"{prefix}Identity", {}, [x], [y]))
         return
     operator = operator or identity_dense(segment.width)
     dtype = y.dtype or np.float32
-    product = gs.Variable(f"{segment.prefix}matmul", dtype=dtype, shape=y.shape)
-    weight = gs.Constant(f"{segment.prefix}weight", operator.weight.astype(dtype))
-    bias = gs.Constant(f"{segment.prefix}bias", operator.bias.astype(dtype))
-    graph.nodes.append(gs.Node("MatMul", f"{segment.prefix}MatMul", {}, [x, weight], [product]))
-    graph.nodes.append(gs.Node("Add", f"{segment.prefix}bias_add", {}, [product, bias], [y]))
+    product = gs.Variable(f"{prefix}matmul", dtype=dtype, shape=y.shape)
+    weight = gs.Constant(f"{prefix}weight", operator.weight.astype(dtype))
+    bias = gs.Constant(f"{prefix}bias", operator.bias.astype(dtype))
+    graph.nodes.append(gs.Node("MatMul", f"{prefix}MatMul", {}, [x, weight], [product]))
+    graph.nodes.append(gs.Node("Add", f"{prefix}bias_add", {}, [product, bias], [y]))

@@ -12,7 +12,7 @@ from encoders import INPUTS, tiny_bert, token_feeds
 from lmopt.blocks import block_model
 from lmopt.candidates import Candidate
 from lmopt.graph import to_model
-from lmopt.prepare import prepare, segment_graph
+from lmopt.prepare import candidate_graph, prepare
 from lmopt.profile import LatencyTable, with_segments
 from lmopt.repair import run_with_outputs
 from lmopt.runtime import run_each
@@ -61,7 +61,7 @@ def test_rewrite_replaces_the_segment_and_nothing_else(prepared, mode):
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((600, 32)), rng.standard_normal((600, 32))
     operator = fit_linear(x, y) if mode == "linear" else None
-    rewritten = to_model(segment_graph(prepared, seg, operator), like=prepared.model)
+    rewritten = to_model(candidate_graph(prepared, seg, operator), like=prepared.model)
     feeds = token_feeds(3, seq=SEQ)
     output = prepared.model.graph.output[0].name
     values = run_with_outputs(rewritten, feeds, [seg.start, seg.end])  # [first output, start, end]

@@ -134,8 +134,9 @@ class BlockBuilder:
         return chain_is_exact(specs)
 
 
-def rewrite_prefix(cand: Candidate) -> str:
-    """Name prefix of the nodes a rewrite creates (how scoring finds what changed)."""
+def rewrite_prefix(cand) -> str:
+    """Name prefix of the nodes a rewrite (of a Candidate or a segments.Segment) creates: how scoring
+    finds what changed."""
     return f"lmopt[{cand.key}]/"
 
 
