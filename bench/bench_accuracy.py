@@ -66,19 +66,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def model_and_data(name: str, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+def model_and_data(name: str, out: pathlib.Path,
+                   more_calib_sources: bool = False) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
     """(model, calibration images, evaluation images) of `name` in `out`, built on first use."""
     model_path = out / f"{name}.onnx"
     if not model_path.exists():
         save(name, model_path)
-    return (model_path, *write_sets(out / f"{name}_data", image_size(name), MEAN, STD))
+    folder = out / (f"{name}_data_more" if more_calib_sources else f"{name}_data")
+    return (model_path, *write_sets(folder, image_size(name), MEAN, STD, more_calib_sources=more_calib_sources))
 
 
 def study_of(name: str, args, **backend_options):
     """One lmopt Study of `name` on its calibration and evaluation images: (study, model path, calibration path)."""
     from lmopt.optimizer import Study
 
-    model_path, calib_path, eval_path = model_and_data(name, args.out)
+    model_path, calib_path, eval_path = model_and_data(name, args.out, args.more_calib_sources)
     study = Study(str(model_path), calib=str(calib_path), eval_data=str(eval_path), calib_count=args.calib_count,
                   eval_count=args.eval_count, progress=False,
                   backend_options={"threads": args.threads, **backend_options})
@@ -93,6 +95,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, models: list[str], target
     parser.add_argument("--calib-count", type=int, default=256)
     parser.add_argument("--eval-count", type=int, default=384)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--more-calib-sources", action="store_true",
+                        help="calibrate on 41 source images instead of 12 (bench/image_data.py)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out" / out)
 
 

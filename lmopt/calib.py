@@ -189,24 +189,38 @@ def calibration_sets(model: onnx.ModelProto, calib: str | None, count: int | Non
     return cals, evals, note
 
 
+# At most SCORE_SAMPLES samples (from the end of the calibration data) score candidates and check
+# plans, and at most FIT_SAMPLES of the rest fit refits and repairs: past a few hundred these
+# estimates barely move, while their memory and time grow with every sample (a fit keeps the
+# activations of every sample). All of the rest trains --distill, which gains from each one.
+SCORE_SAMPLES = 256
+FIT_SAMPLES = 512
+
+
 @dataclass
 class Data:
-    """The disjoint sets of inputs a run uses: `fit` fits refits and repairs, `score` scores candidates
-    and checks repairs, `eval` gives the report's fidelity figures."""
-    fit: list[dict]
+    """The disjoint sets of inputs a run uses: `train` trains distillation and `fit` (part of it)
+    fits refits and repairs; `score` scores candidates and checks repairs; `eval` gives the report's
+    fidelity figures."""
+    train: list[dict]
     score: list[dict]
     eval: list[dict]
     note: str
 
     @property
+    def fit(self) -> list[dict]:
+        return evenly_spaced(self.train, FIT_SAMPLES)
+
+    @property
     def calibration(self) -> list[dict]:
-        return self.fit + self.score
+        return self.train + self.score
 
 
 def study_data(model: onnx.ModelProto, calib: str | None, count: int | None, eval_count: int | None,
                prep: Preprocess | None = None, eval_data: str | None = None, fitting: bool = True) -> Data:
-    """calibration_sets() with the calibration split in halves when anything is fitted: scored on its
-    own fitting data, a fit would look better than it is."""
+    """calibration_sets() split when anything is fitted: scored on its own fitting data, a fit would
+    look better than it is. The score part is the last half, at most SCORE_SAMPLES (from the end, as
+    for held-out evaluation data: data ordered by source keeps each source on one side)."""
     cals, evals, note = calibration_sets(model, calib, count, eval_count, prep, eval_data)
-    split = len(cals) // 2 if fitting and len(cals) > 1 else 0
+    split = len(cals) - min(len(cals) - len(cals) // 2, SCORE_SAMPLES) if fitting and len(cals) > 1 else 0
     return Data(cals[:split], cals[split:], evals, note)

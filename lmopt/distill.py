@@ -131,6 +131,39 @@ class _Student:
     def weights(self) -> dict[str, np.ndarray]:
         return {name: p.detach().numpy().copy() for name, p in zip(self.names, self.params)}
 
+    def run(self, inputs: list[Any], index: Any, mode: str) -> tuple:
+        """The outputs for the samples `index` of `inputs` (the batch-1 feeds concatenated on dim 0),
+        run as one batch ("batch": the graph's batch is free), mapped over the samples ("vmap":
+        torch.vmap over the batch-1 graph), or one by one ("single"); samples on dim 0 either way."""
+        import torch
+
+        if mode == "batch":
+            return self.module(*[x[index] for x in inputs])
+        if mode == "vmap":
+            outputs = torch.vmap(self.module)(*[x[index].unsqueeze(1) for x in inputs])
+            return tuple(out.flatten(0, 1) for out in outputs)
+        runs = [self.module(*[x[i:i + 1] for x in inputs]) for i in index.tolist()]
+        return tuple(torch.cat(outs) for outs in zip(*runs))
+
+    def mode(self, inputs: list[Any], batched: bool) -> str:
+        """How batches run: "batch" where the graph's batch is free, else "vmap" where mapping the
+        batch-1 graph over two samples gives what running them alone gives (a graph that reads
+        values as shapes cannot be mapped), else "single"."""
+        import torch
+
+        if batched:
+            return "batch"
+        pair = torch.arange(min(2, len(inputs[0])))
+        with torch.no_grad():
+            alone = self.run(inputs, pair, "single")
+            try:
+                mapped = self.run(inputs, pair, "vmap")
+            except Exception:  # any failure to map means: run one by one
+                return "single"
+        same = all(a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+                   for a, b in zip(alone, mapped))
+        return "vmap" if same else "single"
+
 
 class _Loss:
     """The output loss (KL for class scores, else MSE over the teacher's mean square) plus
@@ -161,25 +194,20 @@ class _Loss:
         return out_loss + FEATURE_WEIGHT * feat_loss / max(len(self.targets) - 1, 1)
 
 
-def _epoch(student: _Student, optimizer: Any, loss_of: _Loss, inputs: list[Any], batched: bool, batch_size: int,
+def _epoch(student: _Student, optimizer: Any, loss_of: _Loss, inputs: list[Any], mode: str, batch_size: int,
            generator: Any, deadline: float) -> float:
     """One pass over the training samples in a random order, cut short at `deadline`; the mean
-    training loss. A model that cannot run a batch runs each sample of a batch alone, and the
-    gradients add up."""
+    training loss."""
     import torch
 
     student.module.train()
     losses = []
     for index in torch.randperm(len(inputs[0]), generator=generator).split(batch_size):
         optimizer.zero_grad()
-        parts = [index] if batched else list(index.split(1))
-        loss = 0.0
-        for part in parts:
-            part_loss = loss_of(student.module(*[x[part] for x in inputs]), part) * (len(part) / len(index))
-            part_loss.backward()
-            loss += float(part_loss.detach())
+        loss = loss_of(student.run(inputs, index, mode), index)
+        loss.backward()
         optimizer.step()
-        losses.append(loss)
+        losses.append(float(loss.detach()))
         if time.perf_counter() >= deadline:
             break
     return float(np.mean(losses))
@@ -210,6 +238,8 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: li
     stacked = _stack(train_feeds)
     inputs = [torch.from_numpy(stacked[name]) for name in student.module.input_names]
     loss_of = _Loss(teacher, len(compressed.graph.output), check.classifier)
+    mode = student.mode(inputs, batched)
+    log.info("distill: %d training samples, batches run as %s", len(train_feeds), mode)
 
     best_damage = before = check.damage(compressed)
     best_weights, epochs = None, 0
@@ -217,7 +247,7 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, features: li
     bar = tqdm(total=round(60 * minutes), desc="distilling", unit="s", disable=not progress, leave=False)
     generator = torch.Generator().manual_seed(0)
     while time.perf_counter() < deadline:
-        loss = _epoch(student, optimizer, loss_of, inputs, batched, batch_size, generator, deadline)
+        loss = _epoch(student, optimizer, loss_of, inputs, mode, batch_size, generator, deadline)
         epochs += 1
         weights = student.weights()
         trial = check.damage(_write_back(compressed, weights))

@@ -135,7 +135,7 @@ class Study:
             earlier["distillation"] = optimized
             chains = self.prepared.analysis.chains
             features = [c.end if isinstance(c, Segment) else chains[c.chain].positions[c.end] for c in plan.changes]
-            optimized, distilled = distill(self.prepared.model, optimized, features, self.data.fit, self.data.score,
+            optimized, distilled = distill(self.prepared.model, optimized, features, self.data.train, self.data.score,
                                            self.distill_minutes, output_kind=self.prepared.kind, progress=self.progress)
         parts, baselines = {}, {}
         if self.precision == "int8":

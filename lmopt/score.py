@@ -161,7 +161,7 @@ def score(prepared: Prepared, data: Data, refits: Refits, cache: LatencyCache | 
     calibration data and what the scores depend on: a warm run rewrites nothing."""
     depends = ("refit-tokens" if refits.enabled else "plain") + f"-{prepared.kind}"
     prefix = (f"{SCORE_VERSION}:{depends}:{model_fingerprint(prepared.model)}:"
-              f"{feeds_fingerprint(data.calibration)}:")
+              f"{feeds_fingerprint(data.fit)}:{feeds_fingerprint(data.score)}:")
     # A linear segment needs its fitted map: without fit data it is not offered.
     segments = [s for s in prepared.segments if s.mode == "identity" or refits.enabled]
     scorer, damages = None, {}

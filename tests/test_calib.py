@@ -202,3 +202,22 @@ def test_calibration_sets_split_without_overlap(tmp_path):
     np.save(tmp_path / "single.npy", data[:1])
     with pytest.raises(LmoptError, match="at least 2"):
         calibration_sets(model, str(tmp_path / "single.npy"), count=4, eval_count=3)
+
+
+@pytest.mark.parametrize("count", [3, 512, 1500])
+def test_study_data_scores_on_the_end_and_trains_on_the_rest(tmp_path, count):
+    """Up to 512 samples split in halves as before; beyond, the score part stays at SCORE_SAMPLES
+    from the end, fits take at most FIT_SAMPLES spread over the rest, and distillation trains on all
+    of the rest."""
+    from lmopt.calib import FIT_SAMPLES, SCORE_SAMPLES, study_data
+
+    np.save(tmp_path / "x.npy", np.arange(count, dtype=np.float32).reshape(count, 1, 1, 1))
+    np.save(tmp_path / "e.npy", np.zeros((2, 1, 1, 1), np.float32))
+    data = study_data(input_model((1, 1, 1, 1)), str(tmp_path / "x.npy"), count, 2, eval_data=str(tmp_path / "e.npy"))
+    ids = {part: [int(f["images"].flat[0]) for f in getattr(data, part)] for part in ("train", "fit", "score")}
+    n_score = min(count - count // 2, SCORE_SAMPLES)
+    assert ids["score"] == list(range(count - n_score, count))
+    assert ids["train"] == list(range(count - n_score))
+    assert len(ids["fit"]) == min(len(ids["train"]), FIT_SAMPLES) and set(ids["fit"]) <= set(ids["train"])
+    assert ids["fit"][0] == 0 and ids["fit"][-1] == ids["train"][-1]  # spread over all of it
+    assert data.calibration == data.train + data.score

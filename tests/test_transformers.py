@@ -334,6 +334,42 @@ def test_the_torch_translation_of_an_encoder_matches_onnxruntime(study):
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-4, atol=1e-5, err_msg=out.name)
 
 
+def test_distillation_maps_a_batch_1_encoder_over_its_samples(study):
+    """A canonical encoder fixed at batch 1 trains on whole batches through torch.vmap, with the
+    outputs it gives sample by sample; a graph that reads values as shapes cannot be mapped and runs
+    sample by sample."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: --distill needs the lmopt[torch] extra")
+    from onnx import TensorProto, helper
+
+    from lmopt.distill import _stack, _Student, _trainable
+    from lmopt.latency.torch_translate import translate
+
+    model = study.prepared.model
+    student = _Student(translate(model), _trainable(model))
+    stacked = _stack(study.data.score[:3])
+    inputs = [torch.from_numpy(stacked[name]) for name in student.module.input_names]
+    assert student.mode(inputs, batched=False) == "vmap"
+    index = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        for mapped, alone in zip(student.run(inputs, index, "vmap"), student.run(inputs, index, "single")):
+            torch.testing.assert_close(mapped, alone, rtol=1e-5, atol=1e-6)
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["shape", "flat"], ["target"]),
+         helper.make_node("Reshape", ["x", "target"], ["y"]), helper.make_node("MatMul", ["y", "w"], ["z"])],
+        "values_as_shape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [1, 2])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [helper.make_tensor("flat", TensorProto.INT64, [1], [-1]),
+         helper.make_tensor("w", TensorProto.FLOAT, [3, 2], [0.5] * 6)])
+    reader = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    student = _Student(translate(reader), _trainable(reader))
+    given = {"x": torch.ones(2, 6), "shape": torch.tensor([[2, 3], [2, 3]])}
+    inputs = [given[name] for name in student.module.input_names]
+    assert student.mode(inputs, batched=False) == "single"
+
+
 def test_distillation_of_an_encoder_improves_cosine_on_unseen_tokens(study):
     """Three int64 inputs, int64 pass-through outputs, embeddings as the first output: the student
     trains its MatMul, bias and LayerNorm weights, and the cosine on tokens it never saw improves."""

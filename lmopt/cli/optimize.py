@@ -56,7 +56,8 @@ def add_parser(subparsers):
     parser.add_argument("--calib", help="folder of images or .npy/.npz arrays (default: random inputs)")
     parser.add_argument("--calib-count", type=int, default=None,
                         help="calibration samples used (default 256; 16 random inputs without --calib): "
-                             "half fit refits and repairs, half score them")
+                             "the last half, at most 256, scores; up to 512 of the rest fit refits and "
+                             "repairs; --distill trains on all of the rest")
     parser.add_argument("--eval", dest="eval_data", metavar="DATA",
                         help="evaluation data from other sources than --calib (folder of images or .npy/.npz); "
                              "default: a held-out part of --calib")
