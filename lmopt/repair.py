@@ -131,6 +131,16 @@ def _spec_of(model: onnx.ModelProto, node_name: str):
     return spec, node.inputs[0].name, node.outputs[0].name
 
 
+def _goal_of(original: onnx.ModelProto, optimized: onnx.ModelProto, output: str) -> tuple[str, str | None]:
+    """(the original's tensor a layer writing `output` must reproduce, the shortcut added to it first or
+    None). A merged layer whose residual shortcut could not be folded into its kernel writes a tensor of
+    its own, which a shortcut Add then turns into the original's tensor."""
+    if any(output in node.output for node in original.graph.node):
+        return output, None
+    add = next(n for n in optimized.graph.node if n.op_type == "Add" and output in n.input)
+    return add.output[0], next(name for name in add.input if name != output)
+
+
 def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Analysis, changes: list[Candidate],
            fit_feeds: list[dict], check_feeds: list[dict], output_kind: str | None = None,
            progress: Callable[[int, int], None] | None = None) -> tuple[onnx.ModelProto, list[RepairStep]]:
@@ -140,8 +150,8 @@ def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Anal
     targets = repair_targets(optimized, analysis, changes)
     if not targets or not fit_feeds or not check_feeds:
         return optimized, []
-    outputs = [_spec_of(optimized, name)[2] for name in targets]
-    reference_fit = run_with_outputs(original, fit_feeds, outputs)
+    goals = [_goal_of(original, optimized, _spec_of(optimized, name)[2]) for name in targets]
+    reference_fit = run_with_outputs(original, fit_feeds, [goal for goal, _ in goals])
     reference_check = run_with_outputs(original, check_feeds, [])[0]
 
     def check_damage(model: onnx.ModelProto) -> float:
@@ -151,8 +161,12 @@ def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Anal
     steps = []
     for index, name in enumerate(targets):
         spec, x_name, y_name = _spec_of(optimized, name)
-        _, x_values, y_values = run_with_outputs(optimized, fit_feeds, [x_name, y_name])
-        goal = reference_fit[1 + index]
+        shortcut = goals[index][1]
+        _, x_values, y_values, *joined = run_with_outputs(optimized, fit_feeds,
+                                                          [x_name, y_name] + ([shortcut] if shortcut else []))
+        # A layer whose shortcut is added after it must give the original's sum less the compressed
+        # network's own shortcut value.
+        goal = reference_fit[1 + index] - joined[0] if joined else reference_fit[1 + index]
         # Residual shortcuts that join after this layer are left alone: the target is the
         # layer's own output in the original network.
         tries = []

@@ -13,6 +13,7 @@ from lmopt.candidates import enumerate_candidates
 from lmopt.errors import LmoptError
 from lmopt.loader import canonicalise
 from lmopt.metrics import compare, damage
+from lmopt.passes.merge import BlockBuilder, rewrite_prefix
 from lmopt.repair import repair, run_with_outputs
 from models.zoo import build, smooth_images
 
@@ -153,3 +154,25 @@ def test_distillation_runs_when_a_block_end_is_removed_with_its_branch(resnet):
     distilled, report = distill(model, compressed, [gone, end], feeds(16, seed=1), feeds(8, seed=2), minutes=0.05)
     assert report.epochs >= 1
     assert [n.op_type for n in distilled.graph.node] == [n.op_type for n in compressed.graph.node]
+
+
+
+def test_a_merged_layer_whose_shortcut_joins_after_it_is_repaired_to_the_sum():
+    """A block that ends an inverted residual but starts inside it keeps the shortcut as an Add of its
+    own: the merged layer writes a tensor the original lacks, and its repair target is the original's
+    sum less the compressed network's shortcut value (this was a KeyError)."""
+    model, _ = canonicalise(build("mobilenetv2_1.0", image_size=32))
+    analysis = analyse(model)
+    graph = gs.import_onnx(model)
+    cand = next(c for c in enumerate_candidates(analysis, graph) if c.length == 2 and c.pruned
+                and BlockBuilder(gs.import_onnx(model), analysis.chains[c.chain], c).build()[1] is not None)
+    compressed = apply_candidates(model, analysis, [cand])
+    fit = [{"input": x[None]} for x in smooth_images(24, 32, seed=1)]
+    check = [{"input": x[None]} for x in smooth_images(12, 32, seed=2)]
+    merged = rewrite_prefix(cand) + "Conv"
+    original_names = {t for node in model.graph.node for t in node.output}
+    assert merged in {n.name for n in compressed.graph.node}
+    assert next(n for n in compressed.graph.node if n.name == merged).output[0] not in original_names
+    _, steps = repair(model, compressed, analysis, [cand], fit, check)
+    step = next(step for step in steps if step.layer == merged)
+    assert step.kept != "none" and step.damage_after < step.damage_before
