@@ -12,7 +12,8 @@ matplotlib; models/efficientnet_lite.py builds the models without torch) and, fo
 $LMOPT_CACHE_DIR) serves every target and configuration:
 
 - plain: LayerMerge plan, no repair, no re-scoring rounds;
-- repair: LayerMerge plan with closed-form repair in context and re-scoring rounds (the default);
+- default: what `lmopt optimize` does without options: LayerMerge plan with re-scoring rounds, no repair;
+- repair: LayerMerge plan with closed-form repair in context (`--repair`) and re-scoring rounds;
 - kim2023, prune: the baselines, with repair;
 - distill: the repaired plan, then `--distill` for --distill-minutes;
 - int8: lmopt.quantize (onnxruntime's static QDQ: per-channel int8 weights, uint8 activations, 32
@@ -40,7 +41,7 @@ from models.efficientnet_lite import NAMES, image_size, save  # noqa: E402
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite's preprocessing: (x - 127) / 128
 
-CONFIGS = ("int8", "plain", "repair", "kim2023", "prune", "distill")
+CONFIGS = ("int8", "plain", "default", "repair", "kim2023", "prune", "distill")
 
 
 def row(name: str, config: str, target, fidelity: dict, speedup, predicted=None, changes=None, minutes=None) -> dict:
@@ -134,7 +135,7 @@ def bench_model(name: str, args) -> list[dict]:
     for target in args.targets:
         for config in (c for c in args.configs if c != "int8"):
             method = config if config in ("kim2023", "prune") else "layermerge"
-            study.repair = config != "plain"
+            study.repair = config not in ("plain", "default")
             study.distill_minutes = args.distill_minutes if config == "distill" else 0.0
             started = time.perf_counter()
             _, report = study.plan(target, method, rounds=0 if config == "plain" else args.rounds)
@@ -149,7 +150,7 @@ def bench_model(name: str, args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser, list(NAMES), [1.25, 1.5, 2.0], 2, "accuracy")
-    parser.add_argument("--configs", nargs="+", default=["int8", "plain", "repair", "kim2023", "prune"],
+    parser.add_argument("--configs", nargs="+", default=["int8", "plain", "default", "repair", "kim2023", "prune"],
                         choices=CONFIGS)
     parser.add_argument("--distill-minutes", type=float, default=10.0)
     args = parser.parse_args()

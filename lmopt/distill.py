@@ -121,7 +121,7 @@ class _Student:
         self.module, self.names = module, names
         self.params = []
         for name in self.names:
-            slot = self.module._slot[name]
+            slot = self.module.slots[name]
             value = getattr(self.module, slot).clone().float()
             delattr(self.module, slot)
             param = torch.nn.Parameter(value)

@@ -296,6 +296,17 @@ def test_measure_interleaved_rotates_the_order_and_keeps_medians_apart():
     assert [entry for entry in backend.log if entry[0] == "close"] == [("close", 0), ("close", 1), ("close", 2)]
 
 
+
+def test_measure_interleaved_goes_on_until_every_model_ran_for_min_time():
+    backend = ScriptedBackend({0: [1.0], 1: [2.0]}, runs=2)
+    backend.min_time_s = 0.010  # 10 ms of timed runs per model: ten 1 ms runs of model 0
+    assert backend.measure_interleaved(indexed_blocks(2), rounds=1) == [1.0, 2.0]
+    timed = [(index, count[0]) for kind, index, *count in backend.log if kind == "run"][2:]  # after warm-up
+    # rounds of 2 runs per model (runs=2 over rounds=1) until model 0 has 5 rounds (10 ms)
+    assert [index for index, _ in timed] == [0, 1, 1, 0, 0, 1, 1, 0, 0, 1]
+    assert all(count == 2 for _, count in timed)
+
+
 def test_ort_backend_accepts_a_newer_ir_version_and_leaves_the_model_alone():
     model = conv_block()
     model.ir_version = max_ir_version() + 1

@@ -217,8 +217,11 @@ class LatencyBackend(abc.ABC):
         """Median milliseconds per model, timed by interleaving the models' runs in one process.
 
         Every round runs each model a few times, the order rotating from round to round, so that
-        slow drifts (clock boost, thermal throttling, other load) hit all models alike. This is the
-        measurement behind an end-to-end 'measured speed-up'.
+        slow drifts (clock boost, thermal throttling, other load) hit all models alike. Rounds go on
+        past `rounds` until every model has run for `min_time_s` (as `measure` does: 20 runs of a 5 ms
+        model are 0.1 s, and their median moved by several percent from one measurement to the next),
+        and stop after `max_time_s` per model. This is the measurement behind an end-to-end
+        'measured speed-up'.
         """
         if not models:
             return []
@@ -230,10 +233,14 @@ class LatencyBackend(abc.ABC):
                 self._warm(session)
             per_round = max(1, -(-self.runs // max(1, rounds)))
             samples: list[list[float]] = [[] for _ in sessions]
-            for r in range(max(1, rounds)):
+            started, r = time.perf_counter(), 0
+            while r < max(1, rounds) or min(sum(s) for s in samples) < 1000 * self.min_time_s:
+                if time.perf_counter() - started >= self.max_time_s * len(sessions):
+                    break
                 for k in range(len(sessions)):
                     i = (k + r) % len(sessions)
                     samples[i] += sessions[i].run_timed(per_round)
+                r += 1
             return [float(statistics.median(s)) for s in samples]
         finally:
             for session in sessions:

@@ -106,7 +106,8 @@ def _module_class() -> type:
             initializer_names = {t.name for t in graph.initializer}
             self.input_names = [vi.name for vi in graph.input if vi.name not in initializer_names]
             self.output_names = [vi.name for vi in graph.output]
-            self._slot: dict[str, str] = {}  # tensor name -> buffer attribute
+            # tensor name -> attribute holding it (a buffer; distillation makes weights parameters)
+            self.slots: dict[str, str] = {}
             self.constants: dict[str, np.ndarray] = {}  # host copies, for shape-like inputs
             for tensor in graph.initializer:
                 self._add_constant(tensor.name, numpy_helper.to_array(tensor))
@@ -119,8 +120,8 @@ def _module_class() -> type:
         def _add_constant(self, name: str, array: np.ndarray) -> None:
             array = np.array(array)  # writable, owned
             self.constants[name] = array
-            slot = f"c{len(self._slot)}"
-            self._slot[name] = slot
+            slot = f"c{len(self.slots)}"
+            self.slots[name] = slot
             self.register_buffer(slot, torch.from_numpy(array), persistent=False)
 
         def const(self, name: str) -> np.ndarray | None:
@@ -128,7 +129,7 @@ def _module_class() -> type:
             return self.constants.get(name)
 
         def forward(self, *inputs: Any) -> tuple:
-            env = {name: getattr(self, slot) for name, slot in self._slot.items()}
+            env = {name: getattr(self, slot) for name, slot in self.slots.items()}
             env.update(zip(self.input_names, inputs))
             for ins, outs, fn in self.steps:
                 env[outs[0]] = fn(*[env[n] if n else None for n in ins])
