@@ -151,7 +151,6 @@ def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Anal
     if not targets or not fit_feeds or not check_feeds:
         return optimized, []
     goals = [_goal_of(original, optimized, _spec_of(optimized, name)[2]) for name in targets]
-    reference_fit = run_with_outputs(original, fit_feeds, [goal for goal, _ in goals])
     reference_check = run_with_outputs(original, check_feeds, [])[0]
 
     def check_damage(model: onnx.ModelProto) -> float:
@@ -161,12 +160,15 @@ def repair(original: onnx.ModelProto, optimized: onnx.ModelProto, analysis: Anal
     steps = []
     for index, name in enumerate(targets):
         spec, x_name, y_name = _spec_of(optimized, name)
-        shortcut = goals[index][1]
+        # The original's values one layer at a time: all at once, the layers of a large network over
+        # hundreds of feeds do not fit in memory.
+        original_name, shortcut = goals[index]
+        reference = run_with_outputs(original, fit_feeds, [original_name])[1]
         _, x_values, y_values, *joined = run_with_outputs(optimized, fit_feeds,
                                                           [x_name, y_name] + ([shortcut] if shortcut else []))
         # A layer whose shortcut is added after it must give the original's sum less the compressed
         # network's own shortcut value.
-        goal = reference_fit[1 + index] - joined[0] if joined else reference_fit[1 + index]
+        goal = reference - joined[0] if joined else reference
         # Residual shortcuts that join after this layer are left alone: the target is the
         # layer's own output in the original network.
         tries = []

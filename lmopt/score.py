@@ -6,6 +6,8 @@ come from one cached run of the original model.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,10 @@ from .progress import stage
 from .runtime import run_each, run_outputs
 from .segments import Segment, fit_linear
 
+# What one Scorer may keep of the original's values: a study holds two (fit and score data), and
+# candidates' own runs need room beside them.
+MEMORY_SHARE = 0.15
+
 # Bump when the damage measure changes, so cached scores of the old measure are not reused.
 SCORE_VERSION = "damage-v5"
 
@@ -46,35 +52,78 @@ def feeds_fingerprint(feeds: list[dict[str, np.ndarray]]) -> str:
 
 class Scorer:
     """Scores rewrites against the original model on calibration feeds. Tensors of the original
-    that a rewrite's suffix reads are computed by running the original with them as extra outputs,
-    once per new set of tensors, and kept: one array per tensor, stacked over the feeds (each feed's
-    value is a view of it), so that hundreds of feeds of a large model fit in memory."""
+    that a rewrite's suffix reads are computed by running the original with them as extra outputs
+    and kept: one array per tensor, stacked over the feeds (each feed's value is a view of it).
+    What is kept is bounded by `budget_bytes`: the least recently used tensors are dropped and
+    computed again when asked for (the chains' positions of EfficientNet-Lite1 over 256 feeds are
+    10.6 GB, and a study holds two scorers). Candidates come in chain order, so a miss also reads
+    ahead the next positions of `prefetch`."""
 
-    FETCH_GROUP = 8  # tensors fetched per run of the original: bounds the memory a fetch needs twice
+    FETCH_GROUP = 8  # tensors fetched per run of the original
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], prefetch: list[str],
-                 kind: str | None = None):
-        """`prefetch`: tensors most suffixes will read (the chains' positions); `kind`: see metrics.compare."""
+                 kind: str | None = None, budget_bytes: int | None = None):
+        """`prefetch`: tensors most suffixes will read, in the order they are read (the chains'
+        positions); `kind`: see metrics.compare; `budget_bytes`: default MEMORY_SHARE of this
+        machine's memory."""
         self.model, self.feeds, self.kind = model, feeds, kind
         self.graph = gs.import_onnx(model)
-        self.stacked: dict[str, np.ndarray] = {name: np.stack([feed[name] for feed in feeds]) for name in feeds[0]}
+        self.budget = budget_bytes or int(MEMORY_SHARE * physical_memory())
+        self.order = list(dict.fromkeys(prefetch))
+        self.inputs = set(feeds[0])  # the feeds themselves are never dropped
+        self.stacked: OrderedDict[str, np.ndarray] = OrderedDict(
+            (name, np.stack([feed[name] for feed in feeds])) for name in feeds[0])
         self.reference = None
-        self._fetch(list(dict.fromkeys(prefetch)))
+        self.fetches = 0  # runs of the original so far
+        tensors = self.graph.tensors()
+        self.sample_bytes = {name: _sample_bytes(tensors[name]) for name in self.order if name in tensors}
+        self._fetch(self.order[:1])
+
+    def _read_ahead(self, missing: list[str]) -> list[str]:
+        """`missing`, then the next uncached tensors of the prefetch order, within one fetch's share
+        of the budget (a group's values are held twice while they are stacked)."""
+        group, size = list(missing), sum(self.sample_bytes.get(n, 0) for n in missing) * len(self.feeds)
+        after = max((self.order.index(n) + 1 for n in missing if n in self.order), default=len(self.order))
+        for name in self.order[after:]:
+            if len(group) >= self.FETCH_GROUP:
+                break
+            if name in self.stacked:
+                continue
+            size += self.sample_bytes.get(name, 0) * len(self.feeds)
+            if size > self.budget // 4:
+                break
+            group.append(name)
+        return group
 
     def _fetch(self, names: list[str]) -> None:
-        missing = [n for n in dict.fromkeys(names) if n not in self.stacked]
+        names = list(dict.fromkeys(names))
+        for name in names:
+            if name in self.stacked:
+                self.stacked.move_to_end(name)
+        missing = [n for n in names if n not in self.stacked]
         if not missing and self.reference is not None:
             return
-        for begin in range(0, max(len(missing), 1), self.FETCH_GROUP):
-            group = missing[begin:begin + self.FETCH_GROUP]
+        while missing or self.reference is None:
+            group = self._read_ahead(missing[:self.FETCH_GROUP])
+            missing = missing[self.FETCH_GROUP:]
             probe = self.graph.copy()
             tensors = probe.tensors()
             probe.outputs = list(probe.outputs[:1]) + [tensors[n] for n in group]
             runs = run_each(to_model(probe, like=self.model), self.feeds)
+            self.fetches += 1
             self.reference = np.stack([values[0] for values in runs])
             for index, name in enumerate(group, start=1):
                 self.stacked[name] = np.stack([values[index] for values in runs])
             del runs
+            self._drop_beyond_budget(keep=set(names))
+
+    def _drop_beyond_budget(self, keep: set[str]) -> None:
+        total = sum(value.nbytes for value in self.stacked.values())
+        for name in list(self.stacked):
+            if total <= self.budget:
+                break
+            if name not in keep and name not in self.inputs:
+                total -= self.stacked.pop(name).nbytes
 
     def values(self, names: list[str]) -> list[np.ndarray]:
         """The original model's values of `names` over all calibration feeds (batch-concatenated)."""
@@ -91,6 +140,22 @@ class Scorer:
         self._fetch(wanted)
         feeds = [{name: self.stacked[name][i] for name in wanted} for i in range(len(self.feeds))]
         return compare(self.reference, np.stack([outs[0] for outs in run_each(suffix, feeds)]), kind=self.kind)
+
+
+def _sample_bytes(tensor) -> int:
+    """Bytes of one feed's value of `tensor` (0 when its shape or type is unknown)."""
+    shape, dtype = getattr(tensor, "shape", None), getattr(tensor, "dtype", None)
+    if not shape or dtype is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return 0
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (8 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def chain_positions(prepared: Prepared) -> list[str]:

@@ -228,3 +228,29 @@ def test_a_table_at_another_precision_carries_the_fp32_time(small_resnet, profil
     assert latency.precision == "int8" and latency.precision_gain == pytest.approx(2.0)
     assert latency.predicted_speedup(originals) == pytest.approx(2.0)  # the original at int8: precision alone
     assert latency.fp32_ms == pytest.approx(2.0 * data["model_ms"])
+
+
+def test_a_scorer_within_a_small_memory_budget_scores_the_same(small_resnet):
+    """The original's values a Scorer keeps are bounded by its budget: a budget of one tensor drops
+    and recomputes them (more runs of the original), and every damage is the same as with room for all."""
+    from lmopt.candidates import Candidate
+    from lmopt.passes.merge import rewrite_prefix
+    from lmopt.prepare import candidate_graph
+    from lmopt.score import chain_positions
+
+    prepared = prepare(str(small_resnet))
+    feeds = study_data(prepared.model, None, 8, 2).score
+    positions = chain_positions(prepared)
+    roomy = Scorer(prepared.model, feeds, positions)
+    one = max(roomy.sample_bytes.values()) * len(feeds)
+    tight = Scorer(prepared.model, feeds, positions, budget_bytes=one)
+    blocks = [c for c in prepared.candidates if not c.is_original and isinstance(c, Candidate)][:40]
+    for cand in blocks:
+        graph = candidate_graph(prepared, cand)
+        for scorer in (roomy, tight):
+            scorer.result = scorer.score(graph.copy(), rewrite_prefix(cand))
+        assert tight.result == roomy.result
+        kept = sum(v.nbytes for name, v in tight.stacked.items() if name not in tight.inputs)
+        assert kept <= 3 * one  # the budget, or what the current request alone needs (at most 3 tensors here)
+    assert tight.fetches > roomy.fetches
+    assert sum(v.nbytes for name, v in roomy.stacked.items() if name not in roomy.inputs) > one  # it did bind
