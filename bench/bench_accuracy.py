@@ -142,7 +142,8 @@ def bench_model(name: str, args) -> list[dict]:
             minutes = (time.perf_counter() - started) / 60
             rows.append(row(name, config, target, report.fidelity, report.measured_speedup,
                             report.predicted_speedup, len(report.changes), minutes))
-            (out / f"{'_'.join(filter(None, (name, data_name(args), config)))}_{target:g}.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
+            stem = "_".join(filter(None, (name, data_name(args), config)))
+            (out / f"{stem}_{target:g}.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
             print(markdown(rows[-1:]), flush=True)
     return rows
 
