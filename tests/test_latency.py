@@ -296,7 +296,6 @@ def test_measure_interleaved_rotates_the_order_and_keeps_medians_apart():
     assert [entry for entry in backend.log if entry[0] == "close"] == [("close", 0), ("close", 1), ("close", 2)]
 
 
-
 def test_measure_interleaved_goes_on_until_every_model_ran_for_min_time():
     backend = ScriptedBackend({0: [1.0], 1: [2.0]}, runs=2)
     backend.min_time_s = 0.010  # 10 ms of timed runs per model: ten 1 ms runs of model 0

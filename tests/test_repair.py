@@ -156,7 +156,6 @@ def test_distillation_runs_when_a_block_end_is_removed_with_its_branch(resnet):
     assert [n.op_type for n in distilled.graph.node] == [n.op_type for n in compressed.graph.node]
 
 
-
 def test_a_merged_layer_whose_shortcut_joins_after_it_is_repaired_to_the_sum():
     """A block that ends an inverted residual but starts inside it keeps the shortcut as an Add of its
     own: the merged layer writes a tensor the original lacks, and its repair target is the original's
