@@ -15,10 +15,11 @@ from lmopt.metrics import compare
 from lmopt.onnxio import save_model
 from lmopt.optimizer import Study
 from lmopt.prepare import prepare
-from lmopt.report import op_table
+from lmopt.report import format_report, op_table
 from lmopt.runtime import run_outputs
 from lmopt.score import Refits, Scorer, score
 from lmopt.select import fastest, method_filter
+from lmopt.verify import Report
 from models.zoo import build
 
 FAST = {"runs": 3, "min_time_s": 0.0, "warmup_s": 0.0}   # timing quality is not under test
@@ -254,3 +255,14 @@ def test_a_scorer_within_a_small_memory_budget_scores_the_same(small_resnet):
         assert kept <= 3 * one  # the budget, or what the current request alone needs (at most 3 tensors here)
     assert tight.fetches > roomy.fetches
     assert sum(v.nbytes for name, v in roomy.stacked.items() if name not in roomy.inputs) > one  # it did bind
+
+
+@pytest.mark.parametrize("measured, warned", [(1.20, True), (1.27, False)])
+def test_the_report_says_when_the_measured_speedup_falls_short_of_a_target_met_by_prediction(measured, warned):
+    ops = {"nodes": 1, "ops": {"Conv": 1}, "params": 1, "size_mb": 0.0}
+    report = Report(target=1.25, method="layermerge", backend={"backend": "ort-cpu"}, latency_source="measured",
+                    latency_scale=1.0, target_met=True, original_ms=5.0, predicted_ms=3.95, predicted_speedup=1.266,
+                    fidelity={"nrmse": 0.1}, primary_output="y", outputs={}, importance_data="16 random inputs",
+                    refit=True, candidates=3, changes=[], before=ops, after=ops, canonicalisation={},
+                    measured_ms=[5.0, 5.0 / measured], measured_speedup=measured)
+    assert ("measured below the 1.25x target" in format_report(report)) == warned
