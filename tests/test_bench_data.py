@@ -1,11 +1,6 @@
 """The benchmark's split of its natural images by source (bench/image_data.py): evaluation images are
 never calibration images, which is what makes its fidelity figures count."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-from image_data import CALIB_SOURCES, EVAL_SOURCES, MORE_CALIB_SOURCES, fold_sources  # noqa: E402
+from bench.image_data import CALIB_SOURCES, EVAL_SOURCES, MORE_CALIB_SOURCES, fold_sources
 
 ALL_SOURCES = set(CALIB_SOURCES + EVAL_SOURCES + MORE_CALIB_SOURCES)
 
