@@ -143,8 +143,12 @@ def _speed_lines(report) -> list[str]:
     lines.append(f"  original {report.original_ms:.3f} ms, predicted {report.predicted_ms:.3f} ms "
                  f"-> predicted speed-up {report.predicted_speedup:.2f}x")
     if report.latency_scale != 1.0:
-        lines.append(f"  block latencies x{report.latency_scale:.2f}: dense layers cost more inside the network "
-                     "than timed alone (fit to the original and the fastest plan, measured whole)")
+        fit = report.latency_fit or "whole-model timings"
+        lines.append(f"  block latencies x{report.latency_scale:.2f}, fit to {fit}")
+    if len(report.speed_checks) > 1:
+        tried = "; ".join(f"{len(c['changes'])} changes predicted {c['predicted_speedup']:.2f}x measured "
+                          f"{c['measured_speedup']:.2f}x{' (kept)' if c['kept'] else ''}" for c in report.speed_checks)
+        lines.append(f"  plans measured while choosing: {tried}")
     if report.measured_speedup is not None:
         before, after = report.measured_ms
         lines.append(f"  measured (interleaved, one process; {report.measured_models}): {before:.3f} ms -> "

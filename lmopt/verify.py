@@ -48,6 +48,10 @@ class Report:
     sizes: dict[str, int] = field(default_factory=dict)
     fidelity_before: dict[str, dict] = field(default_factory=dict)  # step ("repair", "distillation") -> fidelity
     rounds: list[dict] = field(default_factory=list)
+    # Plans measured while choosing (Study.choose_measured): changes, predicted and measured speed-up,
+    # damage on the held-out calibration data, and which was kept.
+    speed_checks: list[dict] = field(default_factory=list)
+    latency_fit: str = ""  # what the block latencies were fit to (see profile.LatencyTable.fit)
     repair: list[dict] | None = None
     distill: dict | None = None
     symbolic_dims: str = ""
@@ -96,6 +100,7 @@ def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.
     measured_ms, measured, speedup_parts = measure(runner, *(timed or (prepared.model, optimized)), parts or {})
     return Report(
         method=plan.method, backend=table.backend, latency_source=table.source, latency_scale=table.scale,
+        latency_fit=table.fit,
         target_met=plan.target_met, original_ms=table.fp32_ms, predicted_ms=table.fp32_ms / plan.predicted_speedup,
         predicted_speedup=plan.predicted_speedup, measured_ms=measured_ms, measured_speedup=measured,
         fidelity=fidelity(optimized), precision=table.precision, speedup_parts=speedup_parts,

@@ -243,6 +243,14 @@ def test_unreachable_target_is_an_error_unless_best_effort(tmp_path, capfd, cach
     assert "out of reach" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("option", ["--rounds", "--corrections", "--calib-count"])
+def test_a_negative_count_is_one_line_before_any_work(tmp_path, capfd, cache_dir, option):
+    model = relu_chain(tmp_path / "m.onnx")
+    code, out, err = call(["optimize", model, "--target", "1.2x", option, "-1", "--backend", "ort-cpu", "-q"], capfd)
+    assert_one_line_error(code, out, err, option)
+    assert not (tmp_path / "m.lmopt.onnx").exists()
+
+
 # --------------------------------------------------------------------------- the model itself
 
 

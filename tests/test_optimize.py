@@ -85,7 +85,12 @@ def test_boundary_correction_keeps_plans_consistent_with_chain_timings(study):
         timed = sum(study.latency.timed_ms[k] for k in originals)
         corrected = sum(study.latency.block_ms[k] for k in originals)
         if timed > study.latency.chain_ms[chain.index]:   # blocks alone cost more than the chain: boundaries
-            assert corrected == pytest.approx(study.latency.chain_ms[chain.index], rel=1e-6)
+            # A block whose give-back exceeds its own time stays at 0 ms, and the sum then stays above
+            # the chain's time (runs=3 timings of tiny blocks make that happen now and then).
+            clamped = any(study.latency.block_ms[k] == 0.0 for k in originals)
+            assert corrected >= study.latency.chain_ms[chain.index] * (1 - 1e-6)
+            if not clamped:
+                assert corrected == pytest.approx(study.latency.chain_ms[chain.index], rel=1e-6)
         else:
             assert corrected == pytest.approx(timed)
         for cand in study.prepared.candidates:
@@ -266,3 +271,56 @@ def test_the_report_says_when_the_measured_speedup_falls_short_of_a_target_met_b
                     refit=True, candidates=3, changes=[], before=ops, after=ops, canonicalisation={},
                     measured_ms=[5.0, 5.0 / measured], measured_speedup=measured)
     assert ("measured below the 1.25x target" in format_report(report)) == warned
+
+
+def test_a_table_fit_to_a_measured_plan_predicts_that_measurement_and_keeps_the_original():
+    from lmopt.profile import LatencyTable, fit_to_measured
+
+    blocks = {"a": 3.0, "b": 5.0, "merged": 2.0}
+    table = LatencyTable({}, "test", dict(blocks), dict(blocks), {}, 10.0, 2.0, 10.0)  # original: fixed 2 + a + b
+    planned = 2.0 + 3.0  # "merged" in place of "b": predicted 10 / 7
+    fitted = fit_to_measured(table, planned, 1.25, table.predicted_speedup(planned))
+    assert fitted.predicted_speedup(fitted.block_ms["merged"] + fitted.block_ms["a"]) == pytest.approx(1.25)
+    assert fitted.predicted_speedup(fitted.block_ms["a"] + fitted.block_ms["b"]) == pytest.approx(1.0)
+    assert fitted.estimate_ms == table.estimate_ms and fitted.scale == pytest.approx(2.0 / 3.0)
+    assert "1.25x measured, 1.43x predicted" in fitted.fit
+    assert fit_to_measured(table, 8.0, 1.1, 1.0) is None   # a plan that saves nothing gives no line
+    assert fit_to_measured(table, planned, 0.9, 1.43) is None   # measured slower than the original
+    assert fit_to_measured(table, planned, 1.9, 1.43) is None   # would need a negative fixed time
+
+
+def test_a_plan_measured_below_its_target_is_chosen_again_on_latencies_fit_to_it(study, monkeypatch):
+    # A runtime where removing blocks saves 70% of what the table says: CNN plans on ONNX Runtime
+    # CPU saved about 80% (bench/RESULTS.md). The first plan measures below the target; the plan
+    # chosen on the fitted table meets it, and its prediction is what it measured.
+    table = study.latency
+
+    def true_speedup(blocks: float) -> float:
+        original = table.estimate_ms - table.fixed_ms
+        return table.estimate_ms / (table.fixed_ms + 0.3 * original + 0.7 * blocks)
+
+    measured = []
+
+    def simulated(self, plan, optimized):
+        measured.append(true_speedup(sum(table.block_ms[c.key] for c in plan.blocks)))
+        return measured[-1]
+
+    monkeypatch.setattr(Study, "measured_speedup", simulated)
+    best = true_speedup(fastest(study.prepared.chain_lengths, study.prepared.candidates, table.block_ms))
+    target = 1 + (best - 1) / 2
+    first = study.choose(target, rounds=0)[0]
+    assert first.target_met and true_speedup(first.planned_ms) < target  # the table alone falls short
+    _, report = study.plan(target, rounds=0)
+    checks = report.speed_checks
+    assert len(checks) >= 2 and checks[0]["changes"] == [c.key for c in first.changes]
+    assert [c["measured_speedup"] for c in checks] == measured
+    kept = [c for c in checks if c["kept"]]
+    assert len(kept) == 1 and kept[0]["measured_speedup"] >= target
+    assert [c["block"] for c in report.changes] == kept[0]["changes"]
+    assert report.predicted_speedup == pytest.approx(kept[0]["measured_speedup"], rel=1e-6)
+    assert report.target_met and report.latency_scale == pytest.approx(0.7) and "measured" in report.latency_fit
+    assert "plans measured while choosing" in format_report(report)
+    measured.clear()
+    _, unchanged = study.plan(target, rounds=0, corrections=0)
+    assert not measured and not unchanged.speed_checks
+    assert [c["block"] for c in unchanged.changes] == [c.key for c in first.changes]

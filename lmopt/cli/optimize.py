@@ -74,6 +74,9 @@ def add_parser(subparsers):
                              "pretrained CNNs it moved held-out images away from the original, see bench/RESULTS.md)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of re-scoring the chosen changes in the context of the plan (default 2; 0: off)")
+    parser.add_argument("--corrections", type=int, default=2,
+                        help="times a plan that measures below the target (or over 4%% above it) is chosen again "
+                             "on latencies fit to its measurement (default 2; 0: keep the first plan)")
     parser.add_argument("--distill", action="store_true",
                         help="label-free distillation from the original after repair (needs lmopt[torch])")
     parser.add_argument("--distill-minutes", type=float, default=10.0, help="time bound of --distill (default 10)")
@@ -105,6 +108,8 @@ def run(args) -> int:
     target = parse_target(args.target)
     if (args.calib_count is not None and args.calib_count < 1) or (args.eval_count is not None and args.eval_count < 1):
         raise LmoptError("--calib-count and --eval-count must be at least 1")
+    if args.rounds < 0 or args.corrections < 0:
+        raise LmoptError("--rounds and --corrections must be at least 0")
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".lmopt.onnx")
     check_outputs(args.model, output, args.json, not args.no_cache)
     prep = Preprocess(parse_floats(args.mean, "--mean"), parse_floats(args.std, "--std"), args.layout)
@@ -115,7 +120,8 @@ def run(args) -> int:
         repair=args.repair, distill_minutes=args.distill_minutes if args.distill else 0.0,
         input_shapes=parse_input_shapes(args.input_shape),
         latency_table=args.latency_table, max_kernel=args.max_kernel, cache_path=False if args.no_cache else None,
-        measure=not args.no_measure, rounds=args.rounds, refit=not args.no_refit, progress=not args.quiet,
+        measure=not args.no_measure, rounds=args.rounds, corrections=args.corrections, refit=not args.no_refit,
+        progress=not args.quiet,
         backend_options=backend_options(args))
     if not report.target_met:
         reached = f"the fastest plan found gives about {report.predicted_speedup:.2f}x (predicted)"
