@@ -349,8 +349,11 @@ sys.exit(main(["inspect", "unused.onnx"]))
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_second_ctrl_c_exits_cleanly(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &`)
+    # inherits it ignored, and Python then installs no KeyboardInterrupt handler at all.
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SHUTDOWN], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "started"
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)
