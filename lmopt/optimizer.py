@@ -193,8 +193,8 @@ class Study:
     def plan(self, target: float, method: str | None = None, measure: bool = True,
              rounds: int = 2, corrections: int = 2) -> tuple[onnx.ModelProto, Report]:
         """The least-damage plan for `target`, applied, repaired, distilled if asked, verified and measured.
-        Measured, the plan is chosen again on latencies fit to it while it misses the target by more
-        than the measurements' spread, up to `corrections` times (see choose_measured)."""
+        Measured, the plan is chosen again on latencies fit to it while it measures below the target
+        or more than SPEED_SLACK above it, up to `corrections` times (see choose_measured)."""
         started = time.perf_counter()
         if measure and self.runner is not None and corrections > 0:
             plan, optimized, repair_steps, history, table, speed_checks = self.choose_measured(
