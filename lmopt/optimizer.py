@@ -10,6 +10,7 @@ candidates allow (the bench makes one study and plans every method from it).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 
@@ -19,6 +20,7 @@ import onnx
 from .apply import apply_candidates
 from .calib import Preprocess, study_data
 from .errors import LmoptError
+from .graph import copy_model
 from .inputs import timing_shapes, with_timing_shapes
 from .latency.base import LatencyBackend, get_backend
 from .latency.cache import LatencyCache
@@ -42,6 +44,10 @@ logger = logging.getLogger(__name__)
 SPEED_SLACK = 0.04
 SPEED_MARGIN = 0.01
 SPEED_REPEATS = 3  # measurements per plan, of which the median decides
+# At int8 a plan is quantized for its check, for its measurement and for the written model (each
+# quantization runs calibration and takes seconds on a real CNN); the last few quantized models are
+# kept by content so that each model is quantized once.
+QUANTIZED_KEPT = 4
 
 
 class Study:
@@ -67,6 +73,7 @@ class Study:
         self.refits = Refits(self.prepared, self.data.fit, enabled=refit)
         self.scores = score(self.prepared, self.data, self.refits, cache, progress)
         self.checker = PlanChecker(self.prepared, self.data, self.refits)
+        self._quantized: dict[str, onnx.ModelProto] = {}  # at_precision's, by content
         self.seconds = time.perf_counter() - started
 
     def _latency(self, path: str | None, backend: str | None, options: dict,
@@ -91,10 +98,15 @@ class Study:
 
     def at_precision(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` as it will run: at int8, quantized with the fitting half of the calibration data
-        (never the half that checks it)."""
+        (never the half that checks it). The model returned may be shared: copy it to change it."""
         if self.precision != "int8":
             return model
-        return quantize_int8(model, self.data.fit or self.data.calibration)
+        key = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        if key not in self._quantized:
+            while len(self._quantized) >= QUANTIZED_KEPT:
+                self._quantized.pop(next(iter(self._quantized)))  # the oldest
+            self._quantized[key] = quantize_int8(model, self.data.fit or self.data.calibration)
+        return self._quantized[key]
 
     def build(self, changes: list) -> tuple[onnx.ModelProto, list]:
         """The canonical model with `changes` applied (with their refits), then repaired in context if asked."""
@@ -216,7 +228,7 @@ class Study:
         if self.precision == "int8":
             parts = {"depth": optimized, "precision": self.int8_original}
             baselines = {"int8 alone": self.int8_original}
-            earlier["quantization"], optimized = optimized, self.at_precision(optimized)
+            earlier["quantization"], optimized = optimized, copy_model(self.at_precision(optimized))
         written, symbolic_note = None, ""  # an int8 model is written at the planning shape
         if self.precision != "int8":
             written, symbolic_note = keep_symbolic(self.source, optimized, self.prepared.analysis, plan.changes,

@@ -93,3 +93,27 @@ def test_stacked_plan_reports_depth_precision_and_both(small):
     sizes = report.sizes
     assert sizes["before quantization"] < sizes["original"]
     assert sizes["before quantization"] / 4.2 < sizes["written"] < sizes["before quantization"] / 3.5
+
+
+def test_each_model_is_quantized_once_while_a_plan_is_checked_measured_and_written(small, monkeypatch):
+    import hashlib
+
+    import lmopt.optimizer as optimizer
+
+    quantized = []
+
+    def counting(model, feeds):
+        quantized.append(hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest())
+        return quantize_int8(model, feeds)
+
+    monkeypatch.setattr(optimizer, "quantize_int8", counting)
+    study = Study(small, calib_count=8, eval_count=8, cache_path=False, progress=False,
+                  backend_options={**FAST, "precision": "int8"})
+    model, report = study.plan(1.5 * max(1.0, study.latency.precision_gain), rounds=1, corrections=1)
+    assert report.changes and len(quantized) >= 2  # the int8 original and at least one plan
+    assert len(quantized) == len(set(quantized))
+    # the written model is the quantized plan the report measured, and a copy: changing it (the
+    # output order is restored in place) changes no kept model
+    assert report.fidelity == compare(run_outputs(study.prepared.model, study.data.eval),
+                                      run_outputs(model, study.data.eval))
+    assert all(kept is not model for kept in study._quantized.values())

@@ -252,13 +252,6 @@ class LatencyBackend(abc.ABC):
 
 # --- helpers for backends ---------------------------------------------------------------------
 
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A deep copy of `model`, for the backends that must not change the caller's."""
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
-
-
 @functools.lru_cache(maxsize=1)
 def cpu_name() -> str:
     """The CPU model string (/proc/cpuinfo 'model name'), else platform's description."""

@@ -12,9 +12,10 @@ import numpy as np
 import onnx
 
 from ..errors import LmoptError, one_line
+from ..graph import copy_model
 from ..inputs import random_feeds
 from ..onnxio import runtime_compatible
-from .base import LatencyBackend, Session, copy_model, cpu_name, physical_cores
+from .base import LatencyBackend, Session, cpu_name, physical_cores
 
 
 class _OrtSession(Session):
