@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 # +-1.5% (bench/RESULTS.md), so a plan chosen to the exact target measured below it half the time.
 SPEED_SLACK = 0.04
 SPEED_MARGIN = 0.01
-SPEED_REPEATS = 3  # measurements per plan, of which the median decides
+SPEED_REPEATS = 3  # measurements per plan (while choosing and in the report), of which the median counts
 # At int8 a plan is quantized for its check, for its measurement and for the written model (each
 # quantization runs calibration and takes seconds on a real CNN); the last few quantized models are
 # kept by content so that each model is quantized once.
@@ -246,7 +246,8 @@ class Study:
                         repair=[step.to_json() for step in repair_steps] if repair_steps else None,
                         distill=None if distilled is None else distilled.to_json(),
                         importance_data=self.data.note, refit=self.refits.enabled, symbolic_dims=symbolic_note,
-                        measured_models=timed_note, seconds=round(self.seconds + time.perf_counter() - started, 1))
+                        measured_models=timed_note, measured_runs=SPEED_REPEATS,
+                        seconds=round(self.seconds + time.perf_counter() - started, 1))
         return restore_order(written or optimized, self.prepared.output_order), report
 
 

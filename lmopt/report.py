@@ -151,7 +151,8 @@ def _speed_lines(report) -> list[str]:
         lines.append(f"  plans measured while choosing: {tried}")
     if report.measured_speedup is not None:
         before, after = report.measured_ms
-        lines.append(f"  measured (interleaved, one process; {report.measured_models}): {before:.3f} ms -> "
+        runs = f", the median of {report.measured_runs} measurements" if report.measured_runs > 1 else ""
+        lines.append(f"  measured (interleaved, one process{runs}; {report.measured_models}): {before:.3f} ms -> "
                      f"{after:.3f} ms = {report.measured_speedup:.2f}x "
                      f"(prediction off by {100 * report.prediction_error:+.1f}%)")
         if report.target_met and report.measured_speedup < report.target:

@@ -56,6 +56,7 @@ class Report:
     distill: dict | None = None
     symbolic_dims: str = ""
     measured_models: str = "fixed-shape models"  # what the measured speed-up timed (see Study.plan)
+    measured_runs: int = 1  # interleaved measurements taken; measured_* are those of the median one
     seconds: float = 0.0
     batch: str | None = None  # what the CLI did with the batch dim (see lmopt.dynamic)
     written_to: str | None = None
@@ -71,12 +72,15 @@ class Report:
 
 
 def measure(runner: LatencyBackend | None, original: onnx.ModelProto, optimized: onnx.ModelProto,
-            parts: dict[str, onnx.ModelProto]) -> tuple[list[float] | None, float | None, dict[str, float]]:
+            parts: dict[str, onnx.ModelProto], runs: int = 1) -> tuple[list[float] | None, float | None,
+                                                                       dict[str, float]]:
     """([original ms, optimized ms], speed-up, speed-up of each of `parts`), all interleaved in one
-    process; nothing without a runner."""
+    process, from the measurement of median speed-up among `runs` (one whole measurement varies by a
+    few percent); nothing without a runner."""
     if runner is None:
         return None, None, {}
-    measured_ms = runner.measure_interleaved([original, optimized, *parts.values()])
+    measurements = [runner.measure_interleaved([original, optimized, *parts.values()]) for _ in range(runs)]
+    measured_ms = sorted(measurements, key=lambda ms: ms[0] / ms[1])[len(measurements) // 2]
     speedups = {name: measured_ms[0] / ms for name, ms in zip(parts, measured_ms[2:])}
     return measured_ms[:2], measured_ms[0] / measured_ms[1], speedups
 
@@ -97,7 +101,8 @@ def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.
         return compare(reference, run_outputs(model, eval_feeds), kind=prepared.kind)
 
     per_output = output_fidelity(prepared.model, optimized, eval_feeds)
-    measured_ms, measured, speedup_parts = measure(runner, *(timed or (prepared.model, optimized)), parts or {})
+    measured_ms, measured, speedup_parts = measure(runner, *(timed or (prepared.model, optimized)), parts or {},
+                                                   details.get("measured_runs", 1))
     return Report(
         method=plan.method, backend=table.backend, latency_source=table.source, latency_scale=table.scale,
         latency_fit=table.fit,

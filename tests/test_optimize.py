@@ -324,3 +324,22 @@ def test_a_plan_measured_below_its_target_is_chosen_again_on_latencies_fit_to_it
     _, unchanged = study.plan(target, rounds=0, corrections=0)
     assert not measured and not unchanged.speed_checks
     assert [c["block"] for c in unchanged.changes] == [c.key for c in first.changes]
+
+
+def test_the_report_takes_the_measurement_of_median_speed_up():
+    from lmopt.verify import measure
+
+    class Runner:  # three interleaved measurements: [original ms, optimized ms, part ms]
+        def __init__(self):
+            self.answers = [[10.0, 5.0, 8.0], [10.0, 8.0, 9.0], [12.0, 8.0, 6.0]]
+
+        def measure_interleaved(self, models):
+            assert len(models) == 3
+            return self.answers.pop(0)
+
+    model = onnx.ModelProto()
+    ms, speedup, parts = measure(Runner(), model, model, {"depth": model}, runs=3)
+    # speed-ups 2.0, 1.25, 1.5: the median is the third measurement, taken whole
+    assert ms == [12.0, 8.0] and speedup == 1.5 and parts == {"depth": 2.0}
+    single = Runner()
+    assert measure(single, model, model, {"depth": model})[1] == 2.0 and len(single.answers) == 2
