@@ -96,6 +96,19 @@ class Study:
         """INT8 alone: the original quantized as plans are (made once; every target compares with it)."""
         return self.at_precision(self.prepared.model)
 
+    @functools.cached_property
+    def int8_baseline(self) -> dict[str, onnx.ModelProto]:
+        """At fp32 on ONNX Runtime CPU: {"int8 alone": the original quantized as --precision int8
+        quantizes}, the bar a user compares a plan with, reported beside it; empty on other backends
+        (their INT8 is not ONNX Runtime's QDQ) or where the model cannot be quantized."""
+        if self.precision != "fp32" or self.runner is None or self.runner.name != "ort-cpu":
+            return {}
+        try:
+            return {"int8 alone": quantize_int8(self.prepared.model, self.data.fit or self.data.calibration)}
+        except LmoptError as exc:
+            logger.info("lmopt: no INT8 baseline: %s", exc)
+            return {}
+
     def at_precision(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` as it will run: at int8, quantized with the fitting half of the calibration data
         (never the half that checks it). The model returned may be shared: copy it to change it."""
@@ -229,6 +242,8 @@ class Study:
             parts = {"depth": optimized, "precision": self.int8_original}
             baselines = {"int8 alone": self.int8_original}
             earlier["quantization"], optimized = optimized, copy_model(self.at_precision(optimized))
+        else:
+            baselines = self.int8_baseline
         written, symbolic_note = None, ""  # an int8 model is written at the planning shape
         if self.precision != "int8":
             written, symbolic_note = keep_symbolic(self.source, optimized, self.prepared.analysis, plan.changes,

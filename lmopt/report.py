@@ -173,7 +173,10 @@ def _fidelity_lines(report) -> list[str]:
     lines = [f"  fidelity on evaluation inputs before {step}: {fidelity_text(fid)}"
              for step, fid in report.fidelity_before.items()]
     lines.append(f"  fidelity on evaluation inputs: {fidelity_text(report.fidelity)}")
-    lines += [f"  for comparison, {name}: {fidelity_text(fid)}" for name, fid in report.baselines.items()]
+    for name, fid in report.baselines.items():
+        speed = report.baseline_speedups.get(name)
+        alongside = f" ({speed:.2f}x, measured alongside)" if speed is not None else ""
+        lines.append(f"  for comparison, {name}{alongside}: {fidelity_text(fid)}")
     if len(report.outputs) > 1:
         lines += [f"    output {name}: {fidelity_text(fid)}" for name, fid in report.outputs.items()]
     if report.sizes:

@@ -43,6 +43,7 @@ class Report:
     precision: str = "fp32"
     speedup_parts: dict[str, float] = field(default_factory=dict)  # measured alongside: "depth", "precision"
     baselines: dict[str, dict] = field(default_factory=dict)  # fidelity of alternatives ("int8 alone")
+    baseline_speedups: dict[str, float] = field(default_factory=dict)  # theirs, measured alongside
     # Weight bytes at their own precision (Deep Compression's size): the original, the model before
     # each later step ("before quantization": pruned and merged, fp32), and the written model.
     sizes: dict[str, int] = field(default_factory=dict)
@@ -76,12 +77,14 @@ def measure(runner: LatencyBackend | None, original: onnx.ModelProto, optimized:
                                                                        dict[str, float]]:
     """([original ms, optimized ms], speed-up, speed-up of each of `parts`), all interleaved in one
     process, from the measurement of median speed-up among `runs` (one whole measurement varies by a
-    few percent); nothing without a runner."""
+    few percent); nothing without a runner. Parts that are the same model are measured once."""
     if runner is None:
         return None, None, {}
-    measurements = [runner.measure_interleaved([original, optimized, *parts.values()]) for _ in range(runs)]
+    distinct = list({id(model): model for model in parts.values()}.values())
+    measurements = [runner.measure_interleaved([original, optimized, *distinct]) for _ in range(runs)]
     measured_ms = sorted(measurements, key=lambda ms: ms[0] / ms[1])[len(measurements) // 2]
-    speedups = {name: measured_ms[0] / ms for name, ms in zip(parts, measured_ms[2:])}
+    ms_of = {id(model): ms for model, ms in zip(distinct, measured_ms[2:])}
+    speedups = {name: measured_ms[0] / ms_of[id(model)] for name, model in parts.items()}
     return measured_ms[:2], measured_ms[0] / measured_ms[1], speedups
 
 
@@ -91,8 +94,9 @@ def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.
            timed: tuple[onnx.ModelProto, onnx.ModelProto] | None = None, **details) -> Report:
     """The Report of `optimized`, made from `plan`: fidelity on `eval_feeds`, also of the `earlier`
     models (by the step that followed them) and of `baselines`, and speed measured on `runner` where
-    given, with each of `parts` (e.g. depth alone, precision alone) measured alongside; `timed`: the
-    (original, optimized) pair to time instead of the fixed-shape ones (same plan). `details`
+    given, with each of `parts` (e.g. depth alone, precision alone) and of `baselines` measured
+    alongside; `timed`: the (original, optimized) pair to time instead of the fixed-shape ones (same
+    plan; baselines are then not timed). `details`
     fill the Report's remaining fields (rounds, repair, distill, importance_data, refit, target)."""
     onnx.checker.check_model(optimized)
     reference = run_outputs(prepared.model, eval_feeds)
@@ -101,15 +105,20 @@ def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.
         return compare(reference, run_outputs(model, eval_feeds), kind=prepared.kind)
 
     per_output = output_fidelity(prepared.model, optimized, eval_feeds)
-    measured_ms, measured, speedup_parts = measure(runner, *(timed or (prepared.model, optimized)), parts or {},
-                                                   details.get("measured_runs", 1))
+    parts, baselines = parts or {}, baselines or {}
+    # A baseline is a model at the planning shapes: timed only where the plan is timed at them.
+    timed_baselines = baselines if timed is None else {}
+    measured_ms, measured, speedups = measure(runner, *(timed or (prepared.model, optimized)),
+                                              {**parts, **timed_baselines}, details.get("measured_runs", 1))
     return Report(
         method=plan.method, backend=table.backend, latency_source=table.source, latency_scale=table.scale,
         latency_fit=table.fit,
         target_met=plan.target_met, original_ms=table.fp32_ms, predicted_ms=table.fp32_ms / plan.predicted_speedup,
         predicted_speedup=plan.predicted_speedup, measured_ms=measured_ms, measured_speedup=measured,
-        fidelity=fidelity(optimized), precision=table.precision, speedup_parts=speedup_parts,
-        baselines={name: fidelity(model) for name, model in (baselines or {}).items()},
+        fidelity=fidelity(optimized), precision=table.precision,
+        speedup_parts={name: speedups[name] for name in parts if name in speedups},
+        baselines={name: fidelity(model) for name, model in baselines.items()},
+        baseline_speedups={name: speedups[name] for name in timed_baselines if name in speedups},
         primary_output=prepared.model.graph.output[0].name,
         outputs={name: per_output[name] for name in prepared.output_order if name in per_output},
         fidelity_before={step: fidelity(model) for step, model in earlier.items()},

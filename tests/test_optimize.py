@@ -343,3 +343,18 @@ def test_the_report_takes_the_measurement_of_median_speed_up():
     assert ms == [12.0, 8.0] and speedup == 1.5 and parts == {"depth": 2.0}
     single = Runner()
     assert measure(single, model, model, {"depth": model})[1] == 2.0 and len(single.answers) == 2
+
+
+def test_an_fp32_report_on_ort_cpu_shows_int8_alone_beside_the_plan(study):
+    from lmopt.quantize import quantize_int8
+
+    _, report = study.plan(1.3, rounds=0, corrections=0)
+    quantized = quantize_int8(study.prepared.model, study.data.fit)  # as --precision int8 would
+    assert report.baselines == {"int8 alone": compare(run_outputs(study.prepared.model, study.data.eval),
+                                                      run_outputs(quantized, study.data.eval))}
+    assert set(report.baseline_speedups) == {"int8 alone"} and report.baseline_speedups["int8 alone"] > 0
+    assert report.speedup_parts == {}  # INT8 is a comparison here, not a part of the plan's speed-up
+    text = format_report(report)
+    assert f"for comparison, int8 alone ({report.baseline_speedups['int8 alone']:.2f}x, measured alongside)" in text
+    _, unmeasured = study.plan(1.3, rounds=0, measure=False)
+    assert "int8 alone" in unmeasured.baselines and unmeasured.baseline_speedups == {}
