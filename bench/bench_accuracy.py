@@ -127,7 +127,7 @@ def bench_model(name: str, args) -> list[dict]:
     if "int8" in args.configs:
         from lmopt.quantize import quantize_int8
 
-        quantized = quantize_int8(study.prepared.model, study.data.fit)  # as --precision int8 quantizes
+        quantized = quantize_int8(study.prepared.model, study.quantization_feeds)  # as --precision int8 quantizes
         fidelity = compare(reference, run_outputs(quantized, study.data.eval))
         before, after = study.runner.measure_interleaved([study.prepared.model, quantized])
         rows.append(row(name, "int8 PTQ", None, fidelity, before / after))

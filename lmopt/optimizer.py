@@ -14,7 +14,6 @@ import hashlib
 import logging
 import time
 
-import numpy as np
 import onnx
 
 from .apply import apply_candidates
@@ -34,6 +33,7 @@ from .segments import Segment
 from .select import Plan, check_target, choose
 from .symbolic import keep_symbolic
 from .verify import Report, verify
+from .verify import measure as measure_whole  # plan()'s `measure` is a flag
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ class Study:
         """INT8 alone: the original quantized as plans are (made once; every target compares with it)."""
         return self.at_precision(self.prepared.model)
 
+    @property
+    def quantization_feeds(self) -> list[dict]:
+        """The calibration samples INT8 quantization takes: the fitting half (never the half that
+        checks plans)."""
+        return self.data.fit or self.data.calibration
+
     @functools.cached_property
     def int8_baseline(self) -> dict[str, onnx.ModelProto]:
         """At fp32 on ONNX Runtime CPU: {"int8 alone": the original quantized as --precision int8
@@ -104,21 +110,21 @@ class Study:
         if self.precision != "fp32" or self.runner is None or self.runner.name != "ort-cpu":
             return {}
         try:
-            return {"int8 alone": quantize_int8(self.prepared.model, self.data.fit or self.data.calibration)}
+            return {"int8 alone": quantize_int8(self.prepared.model, self.quantization_feeds)}
         except LmoptError as exc:
             logger.info("lmopt: no INT8 baseline: %s", exc)
             return {}
 
     def at_precision(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """`model` as it will run: at int8, quantized with the fitting half of the calibration data
-        (never the half that checks it). The model returned may be shared: copy it to change it."""
+        """`model` as it will run: at int8, quantized with quantization_feeds. The model returned may
+        be shared: copy it to change it."""
         if self.precision != "int8":
             return model
         key = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
         if key not in self._quantized:
             while len(self._quantized) >= QUANTIZED_KEPT:
                 self._quantized.pop(next(iter(self._quantized)))  # the oldest
-            self._quantized[key] = quantize_int8(model, self.data.fit or self.data.calibration)
+            self._quantized[key] = quantize_int8(model, self.quantization_feeds)
         return self._quantized[key]
 
     def build(self, changes: list) -> tuple[onnx.ModelProto, list]:
@@ -167,11 +173,7 @@ class Study:
             base = timing_base(self.prepared, self.runner)
             pair = [whole_with(base, self.prepared.analysis, []), whole_with(base, self.prepared.analysis,
                                                                              plan.changes)]
-        ratios = []
-        for _ in range(SPEED_REPEATS):
-            before, after = self.runner.measure_interleaved(pair)
-            ratios.append(before / after)
-        return float(np.median(ratios))
+        return measure_whole(self.runner, *pair, {}, SPEED_REPEATS)[1]
 
     def choose_measured(self, target: float, method: str | None = None, rounds: int = 2,
                         corrections: int = 2) -> tuple[Plan, onnx.ModelProto, list, list[dict], LatencyTable,
