@@ -93,8 +93,11 @@ class Study:
 
     @functools.cached_property
     def int8_original(self) -> onnx.ModelProto:
-        """INT8 alone: the original quantized as plans are (made once; every target compares with it)."""
-        return self.at_precision(self.prepared.model)
+        """INT8 alone: the original quantized as plans are, once (at int8 through at_precision's memo,
+        so a plan that changes nothing is not quantized again)."""
+        if self.precision == "int8":
+            return self.at_precision(self.prepared.model)
+        return quantize_int8(self.prepared.model, self.quantization_feeds)
 
     @property
     def quantization_feeds(self) -> list[dict]:
@@ -104,13 +107,15 @@ class Study:
 
     @functools.cached_property
     def int8_baseline(self) -> dict[str, onnx.ModelProto]:
-        """At fp32 on ONNX Runtime CPU: {"int8 alone": the original quantized as --precision int8
-        quantizes}, the bar a user compares a plan with, reported beside it; empty on other backends
-        (their INT8 is not ONNX Runtime's QDQ) or where the model cannot be quantized."""
+        """{"int8 alone": int8_original}, the bar a user compares a plan with, reported beside it. At
+        fp32 only on ONNX Runtime CPU (other backends' INT8 is not ONNX Runtime's QDQ) and where the
+        model can be quantized."""
+        if self.precision == "int8":
+            return {"int8 alone": self.int8_original}
         if self.precision != "fp32" or self.runner is None or self.runner.name != "ort-cpu":
             return {}
         try:
-            return {"int8 alone": quantize_int8(self.prepared.model, self.quantization_feeds)}
+            return {"int8 alone": self.int8_original}
         except LmoptError as exc:
             logger.info("lmopt: no INT8 baseline: %s", exc)
             return {}
@@ -239,13 +244,10 @@ class Study:
             features = [c.end if isinstance(c, Segment) else chains[c.chain].positions[c.end] for c in plan.changes]
             optimized, distilled = distill(self.prepared.model, optimized, features, self.data.train, self.data.score,
                                            self.distill_minutes, output_kind=self.prepared.kind, progress=self.progress)
-        parts, baselines = {}, {}
+        parts, baselines = {}, self.int8_baseline
         if self.precision == "int8":
             parts = {"depth": optimized, "precision": self.int8_original}
-            baselines = {"int8 alone": self.int8_original}
             earlier["quantization"], optimized = optimized, copy_model(self.at_precision(optimized))
-        else:
-            baselines = self.int8_baseline
         written, symbolic_note = None, ""  # an int8 model is written at the planning shape
         if self.precision != "int8":
             written, symbolic_note = keep_symbolic(self.source, optimized, self.prepared.analysis, plan.changes,

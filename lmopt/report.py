@@ -169,6 +169,10 @@ def _speed_lines(report) -> list[str]:
     return lines
 
 
+# How to get each baseline the report compares with, for the note that recommends it.
+BASELINE_FLAGS = {"int8 alone": "--precision int8 writes it (and stacks depth on it for a higher --target)"}
+
+
 def _fidelity_lines(report) -> list[str]:
     lines = [f"  fidelity on evaluation inputs before {step}: {fidelity_text(fid)}"
              for step, fid in report.fidelity_before.items()]
@@ -177,6 +181,10 @@ def _fidelity_lines(report) -> list[str]:
         speed = report.baseline_speedups.get(name)
         alongside = f" ({speed:.2f}x, measured alongside)" if speed is not None else ""
         lines.append(f"  for comparison, {name}{alongside}: {fidelity_text(fid)}")
+    for name in report.better_baselines:
+        how = f": {BASELINE_FLAGS[name]}" if name in BASELINE_FLAGS else ""
+        lines.append(f"  note: {name} reaches the {report.target:g}x target too and moves the outputs less than "
+                     f"this plan{how}")
     if len(report.outputs) > 1:
         lines += [f"    output {name}: {fidelity_text(fid)}" for name, fid in report.outputs.items()]
     if report.sizes:

@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
+from .errors import LmoptError
 from .latency.base import LatencyBackend
-from .metrics import compare
+from .metrics import compare, damage
 from .outputs import output_fidelity
 from .prepare import Prepared
 from .profile import LatencyTable
@@ -68,8 +69,25 @@ class Report:
             return None
         return (self.predicted_speedup - self.measured_speedup) / self.measured_speedup
 
+    @property
+    def better_baselines(self) -> list[str]:
+        """The alternatives measured alongside (e.g. "int8 alone") that reach the target and move the
+        outputs less than the plan: a user is better served by them, and the report says so."""
+        if not self.target_met:
+            return []
+        plan_damage = _damage_or_inf(self.fidelity)
+        return [name for name, fid in self.baselines.items()
+                if self.baseline_speedups.get(name, 0.0) >= self.target and _damage_or_inf(fid) < plan_damage]
+
     def to_json(self) -> dict:
-        return {**asdict(self), "prediction_error": self.prediction_error}
+        return {**asdict(self), "prediction_error": self.prediction_error, "better_baselines": self.better_baselines}
+
+
+def _damage_or_inf(fidelity: dict) -> float:
+    try:
+        return damage(fidelity)
+    except LmoptError:  # non-finite outputs: as far from the original as can be
+        return float("inf")
 
 
 def measure(runner: LatencyBackend | None, original: onnx.ModelProto, optimized: onnx.ModelProto,

@@ -273,6 +273,27 @@ def test_the_report_says_when_the_measured_speedup_falls_short_of_a_target_met_b
     assert ("measured below the 1.25x target" in format_report(report)) == warned
 
 
+def _classifier_fidelity(top1: float, kl: float) -> dict:
+    return {"nrmse": 0.1, "kl": kl, "top1_agreement": top1, "top5_contains": 1.0, "confident_agreement": top1,
+            "confident_count": 100}
+
+
+@pytest.mark.parametrize("int8_speedup, int8_top1, noted", [(1.54, 1.0, True), (1.20, 1.0, False), (1.54, 0.5, False)])
+def test_the_report_recommends_int8_alone_when_it_reaches_the_target_with_less_damage(int8_speedup, int8_top1, noted):
+    ops = {"nodes": 1, "ops": {"Conv": 1}, "params": 1, "size_mb": 0.0}
+    report = Report(target=1.25, method="layermerge", backend={"backend": "ort-cpu"}, latency_source="measured",
+                    latency_scale=1.0, target_met=True, original_ms=5.0, predicted_ms=3.95, predicted_speedup=1.266,
+                    fidelity=_classifier_fidelity(0.9, 0.3), primary_output="y", outputs={},
+                    importance_data="16 random inputs", refit=True, candidates=3, changes=[], before=ops, after=ops,
+                    canonicalisation={}, measured_ms=[5.0, 3.9], measured_speedup=5.0 / 3.9,
+                    baselines={"int8 alone": _classifier_fidelity(int8_top1, 0.04)},
+                    baseline_speedups={"int8 alone": int8_speedup})
+    assert report.better_baselines == (["int8 alone"] if noted else [])
+    assert report.to_json()["better_baselines"] == report.better_baselines
+    assert ("note: int8 alone reaches the 1.25x target too and moves the outputs less than this plan: "
+            "--precision int8" in format_report(report)) == noted
+
+
 def test_a_table_fit_to_a_measured_plan_predicts_that_measurement_and_keeps_the_original():
     from lmopt.profile import LatencyTable, fit_to_measured
 
