@@ -152,8 +152,8 @@ def _speed_lines(report) -> list[str]:
     if report.measured_speedup is not None:
         before, after = report.measured_ms
         runs = f", the median of {report.measured_runs} measurements" if report.measured_runs > 1 else ""
-        lines.append(f"  measured (interleaved, one process{runs}; {report.measured_models}): {before:.3f} ms -> "
-                     f"{after:.3f} ms = {report.measured_speedup:.2f}x "
+        lines.append(f"  measured (interleaved with the original, one process{runs}; {report.measured_models}): "
+                     f"{before:.3f} ms -> {after:.3f} ms = {report.measured_speedup:.2f}x "
                      f"(prediction off by {100 * report.prediction_error:+.1f}%)")
         if report.target_met and report.measured_speedup < report.target:
             # The plan meets the target by prediction only; say so rather than let the user find out.
@@ -162,7 +162,7 @@ def _speed_lines(report) -> list[str]:
                          "buys the margin, at some fidelity")
         if report.speedup_parts:
             parts = ", ".join(f"{name} alone {value:.2f}x" for name, value in report.speedup_parts.items())
-            lines.append(f"  of which (measured alongside, against the fp32 original): {parts}, "
+            lines.append(f"  of which (each measured in a pair with the fp32 original, one process): {parts}, "
                          f"both {report.measured_speedup:.2f}x")
     else:
         lines.append("  measured speed-up: not measured here (latencies come from another device: measure there)")

@@ -347,23 +347,26 @@ def test_a_plan_measured_below_its_target_is_chosen_again_on_latencies_fit_to_it
     assert [c["block"] for c in unchanged.changes] == [c.key for c in first.changes]
 
 
-def test_the_report_takes_the_measurement_of_median_speed_up():
+def test_the_report_takes_the_measurement_of_median_speed_up_each_model_paired_with_the_original():
     from lmopt.verify import measure
 
-    class Runner:  # three interleaved measurements: [original ms, optimized ms, part ms]
+    original, optimized, depth = onnx.ModelProto(), onnx.ModelProto(), onnx.ModelProto()
+
+    class Runner:  # interleaved pair measurements: [original ms, other ms]
         def __init__(self):
-            self.answers = [[10.0, 5.0, 8.0], [10.0, 8.0, 9.0], [12.0, 8.0, 6.0]]
+            self.answers = {id(optimized): [[10.0, 5.0], [10.0, 8.0], [12.0, 8.0]],
+                            id(depth): [[10.0, 8.0], [9.0, 9.0], [12.0, 6.0]]}
 
         def measure_interleaved(self, models):
-            assert len(models) == 3
-            return self.answers.pop(0)
+            assert len(models) == 2 and models[0] is original
+            return self.answers[id(models[1])].pop(0)
 
-    model = onnx.ModelProto()
-    ms, speedup, parts = measure(Runner(), model, model, {"depth": model}, runs=3)
-    # speed-ups 2.0, 1.25, 1.5: the median is the third measurement, taken whole
-    assert ms == [12.0, 8.0] and speedup == 1.5 and parts == {"depth": 2.0}
+    ms, speedup, parts = measure(Runner(), original, optimized, {"depth": depth, "same": optimized}, runs=3)
+    # optimized: speed-ups 2.0, 1.25, 1.5, the median is the third pair, taken whole; depth: 1.25, 1.0, 2.0
+    assert ms == [12.0, 8.0] and speedup == 1.5 and parts == {"depth": 1.25, "same": 1.5}
     single = Runner()
-    assert measure(single, model, model, {"depth": model})[1] == 2.0 and len(single.answers) == 2
+    assert measure(single, original, optimized, {"depth": depth})[1] == 2.0
+    assert [len(a) for a in single.answers.values()] == [2, 2]  # one pair each, `optimized` not again
 
 
 def test_an_fp32_report_on_ort_cpu_shows_int8_alone_beside_the_plan(study):
