@@ -169,8 +169,10 @@ def _speed_lines(report) -> list[str]:
     return lines
 
 
-# How to get each baseline the report compares with, for the note that recommends it.
-BASELINE_FLAGS = {"int8 alone": "--precision int8 writes it (and stacks depth on it for a higher --target)"}
+# How to get each baseline the report compares with, for the note that recommends it, by the
+# precision the plan was made at.
+BASELINE_FLAGS = {("int8 alone", "fp32"): "--precision int8 writes it (and stacks depth on it for a higher --target)",
+                  ("int8 alone", "int8"): "a --target at or below its speed-up writes it with no depth change"}
 
 
 def _fidelity_lines(report) -> list[str]:
@@ -182,7 +184,8 @@ def _fidelity_lines(report) -> list[str]:
         alongside = f" ({speed:.2f}x, measured alongside)" if speed is not None else ""
         lines.append(f"  for comparison, {name}{alongside}: {fidelity_text(fid)}")
     for name in report.better_baselines:
-        how = f": {BASELINE_FLAGS[name]}" if name in BASELINE_FLAGS else ""
+        flags = BASELINE_FLAGS.get((name, report.precision))
+        how = f": {flags}" if flags else ""
         lines.append(f"  note: {name} reaches the {report.target:g}x target too and moves the outputs less than "
                      f"this plan{how}")
     if len(report.outputs) > 1:

@@ -292,6 +292,9 @@ def test_the_report_recommends_int8_alone_when_it_reaches_the_target_with_less_d
     assert report.to_json()["better_baselines"] == report.better_baselines
     assert ("note: int8 alone reaches the 1.25x target too and moves the outputs less than this plan: "
             "--precision int8" in format_report(report)) == noted
+    report.precision = "int8"  # already quantized: the way to INT8 alone is a lower target
+    assert ("moves the outputs less than this plan: a --target at or below its speed-up"
+            in format_report(report)) == noted
 
 
 def test_a_table_fit_to_a_measured_plan_predicts_that_measurement_and_keeps_the_original():
