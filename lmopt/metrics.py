@@ -58,6 +58,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray, kind: str | None = Non
         result["kl"] = float(kl.mean())
         result["top1_agreement"] = float(agree.mean())
         result["top5_contains"] = float(top5.any(-1).mean())
+        # Changed answers weighted by how sure the original was of them: a flip of a confident
+        # answer costs more than a flip of a near-tie. With tiny or uniform logits every weight is
+        # about equal and this is the plain flip rate, so nothing looks free.
+        sure = np.exp(ref_logp).max(axis=-1)
+        result["weighted_flips"] = float((sure * ~agree).sum() / sure.sum())
         # Agreement where the original is sure of its answer (top-1 probability >= 0.5): the
         # answers a user relies on; ambiguous inputs flip on tiny changes.
         result["confident_count"] = int(confident.sum())
@@ -68,10 +73,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray, kind: str | None = Non
 
 def damage(metrics: dict) -> float:
     """One number for how much a change hurts (lower is better), independent of the output's scale:
-    for classifiers KL plus the fraction of top-1 answers changed (KL alone calls everything free
-    when logits are tiny), for embeddings 1 - mean cosine similarity, else NRMSE^2. NaN or inf is an
-    error, never a score."""
-    value = (metrics["kl"] + 1.0 - metrics["top1_agreement"] if "kl" in metrics else
+    for classifiers KL plus the changed top-1 answers weighted by the original's confidence in them
+    (KL alone calls everything free when logits are tiny; the plain flip rate counted near-ties as
+    much as sure answers and chose worse plans on both Lite0 folds, bench/RESULTS.md), for
+    embeddings 1 - mean cosine similarity, else NRMSE^2. NaN or inf is an error, never a score."""
+    value = (metrics["kl"] + metrics["weighted_flips"] if "kl" in metrics else
              1.0 - metrics["cosine_mean"] if "cosine_mean" in metrics else metrics["nrmse"] ** 2)
     if not np.isfinite(value):
         raise LmoptError("a fidelity score is NaN or inf: the model (or a rewrite of it) gives non-finite outputs "

@@ -38,7 +38,7 @@ from .segments import Segment, fit_linear
 MEMORY_SHARE = 0.15
 
 # Bump when the damage measure changes, so cached scores of the old measure are not reused.
-SCORE_VERSION = "damage-v5"
+SCORE_VERSION = "damage-v6"
 
 
 def feeds_fingerprint(feeds: list[dict[str, np.ndarray]]) -> str:

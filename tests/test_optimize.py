@@ -275,7 +275,25 @@ def test_the_report_says_when_the_measured_speedup_falls_short_of_a_target_met_b
 
 def _classifier_fidelity(top1: float, kl: float) -> dict:
     return {"nrmse": 0.1, "kl": kl, "top1_agreement": top1, "top5_contains": 1.0, "confident_agreement": top1,
-            "confident_count": 100}
+            "confident_count": 100, "weighted_flips": 1.0 - top1}
+
+
+def test_classifier_damage_weights_each_changed_answer_by_the_originals_confidence():
+    from lmopt.metrics import damage
+
+    sure, unsure = [8.0, 0.0, 0.0], [0.1, 0.0, 0.0]  # top-1 probability 0.9993 and 0.356
+    reference = np.array([sure, unsure])
+    top_prob = [float(np.exp(row).max() / np.exp(row).sum()) for row in reference]
+    flip_sure = compare(reference, np.array([[0.0, 8.0, 0.0], unsure]))
+    flip_unsure = compare(reference, np.array([sure, [0.0, 0.1, 0.0]]))
+    assert flip_sure["top1_agreement"] == flip_unsure["top1_agreement"] == 0.5
+    assert flip_sure["weighted_flips"] == pytest.approx(top_prob[0] / sum(top_prob), rel=1e-6)
+    assert flip_unsure["weighted_flips"] == pytest.approx(top_prob[1] / sum(top_prob), rel=1e-6)
+    assert damage(flip_sure) - flip_sure["kl"] > 2 * (damage(flip_unsure) - flip_unsure["kl"]) > 0
+    # Logits around 1e-8 (every answer a near-tie): KL is ~0, the weights are equal, and a change
+    # still costs its plain flip rate, so such a model cannot make every candidate look free.
+    tiny = compare(reference * 1e-8, np.array([[0.0, 8.0, 0.0], [0.0, 0.1, 0.0]]) * 1e-8)
+    assert tiny["kl"] < 1e-12 and damage(tiny) == pytest.approx(1.0 - tiny["top1_agreement"]) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("int8_speedup, int8_top1, noted", [(1.54, 1.0, True), (1.20, 1.0, False), (1.54, 0.5, False)])
