@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import time
 
 import onnx
@@ -25,7 +26,7 @@ from .latency.base import LatencyBackend, get_backend
 from .latency.cache import LatencyCache
 from .outputs import restore_order
 from .prepare import prepare, timing_base, whole_with
-from .profile import LatencyTable, fit_to_measured, from_file, profile
+from .profile import LatencyTable, fit_between, fit_to_measured, from_file, profile
 from .quantize import quantize_int8
 from .repair import repair as repair_in_context
 from .score import PlanChecker, Refits, score
@@ -189,7 +190,7 @@ class Study:
         Block latencies timed alone predict CNN plans a few percent optimistically, more the more a
         plan removes, so a plan predicted to meet the target can measure below it. While the measured
         speed-up falls outside [target, target * (1 + SPEED_SLACK)], up to `corrections` times, the
-        study's table is fit through the measured plan (profile.fit_to_measured) and the plan chosen
+        study's table is fit to the plans measured so far (see _fit_to_tried) and the plan chosen
         again on it, with SPEED_MARGIN to spare. Of the plans measured, the least damaging one (on the
         held-out calibration data) that measured at least the target is kept, else the fastest measured."""
         table = self.latency
@@ -202,12 +203,11 @@ class Study:
                           "check_damage": min(h["check_damage"] for h in chosen[3])})
             if target <= measured <= target * (1 + SPEED_SLACK) or len(tried) > corrections or not plan.changes:
                 break
-            planned_ms = sum(self.latency.block_ms[c.key] for c in plan.blocks)  # on the study's own table
-            fitted = fit_to_measured(self.latency, planned_ms, measured, self.latency.predicted_speedup(planned_ms))
+            fitted = self._fit_to_tried(tried, target)
             if fitted is None:
                 break
-            logger.info("lmopt: the plan measured %.2fx (predicted %.2fx): latencies fit to it, choosing again",
-                        measured, plan.predicted_speedup)
+            logger.info("lmopt: the plan measured %.2fx (predicted %.2fx): latencies fit to %s, choosing again",
+                        measured, plan.predicted_speedup, fitted.fit)
             table = fitted
             chosen = self.choose(target * (1 + SPEED_MARGIN), method, rounds, table)
             keys = [c.key for c in chosen[0].changes]
@@ -221,6 +221,24 @@ class Study:
                    "measured_speedup": t["measured"], "check_damage": t["check_damage"], "kept": t is kept}
                   for t in tried]
         return (*kept["result"], kept["table"], checks)
+
+    def _fit_to_tried(self, tried: list[dict], target: float) -> LatencyTable | None:
+        """The study's table fit to the plans measured so far: through the nearest one on either
+        side of the target once there are both (profile.fit_between), else through the one measured
+        nearest the target and the original (profile.fit_to_measured)."""
+        def point(t: dict) -> tuple[float, float]:  # (planned ms on the study's own table, measured)
+            return sum(self.latency.block_ms[c.key] for c in t["result"][0].blocks), t["measured"]
+
+        slow = [t for t in tried if t["measured"] < target]
+        fast = [t for t in tried if t["measured"] > target * (1 + SPEED_SLACK)]
+        if slow and fast:
+            fitted = fit_between(self.latency, point(max(slow, key=lambda t: t["measured"])),
+                                 point(min(fast, key=lambda t: t["measured"])))
+            if fitted is not None:
+                return fitted
+        nearest = min(tried, key=lambda t: abs(math.log(t["measured"] / target)))
+        planned_ms, measured = point(nearest)
+        return fit_to_measured(self.latency, planned_ms, measured, self.latency.predicted_speedup(planned_ms))
 
     def plan(self, target: float, method: str | None = None, measure: bool = True,
              rounds: int = 2, corrections: int = 2) -> tuple[onnx.ModelProto, Report]:

@@ -331,6 +331,63 @@ def test_a_table_fit_to_a_measured_plan_predicts_that_measurement_and_keeps_the_
     assert fit_to_measured(table, planned, 1.9, 1.43) is None   # would need a negative fixed time
 
 
+def test_a_table_fit_between_two_measured_plans_predicts_both_and_refuses_a_reversed_pair():
+    from lmopt.profile import LatencyTable, fit_between
+
+    blocks = {"a": 3.0, "b": 5.0, "merged": 2.0}
+    table = LatencyTable({}, "test", dict(blocks), dict(blocks), {}, 10.0, 2.0, 10.0)
+    fitted = fit_between(table, (6.0, 1.2), (4.0, 1.6))  # (planned ms on `table`, measured speed-up)
+    assert fitted.predicted_speedup(fitted.scale * 6.0) == pytest.approx(1.2)
+    assert fitted.predicted_speedup(fitted.scale * 4.0) == pytest.approx(1.6)
+    assert fitted.block_ms["merged"] == pytest.approx(2.0 * fitted.scale) and fitted.estimate_ms == 10.0
+    assert "1.20x and 1.60x measured" in fitted.fit
+    assert fit_between(table, (4.0, 1.2), (6.0, 1.6)) is None  # the faster plan has more planned ms
+    assert fit_between(table, (6.0, 1.6), (4.0, 1.2)) is None  # the "slow" plan measured faster
+
+
+def test_once_plans_measured_on_both_sides_of_the_target_the_next_is_chosen_between_them(study, monkeypatch):
+    # A runtime where deep plans save more per table millisecond than shallow ones (seen on
+    # EfficientNet-Lite1, bench/RESULTS.md): the fit through one plan and the original
+    # overshoots. Once one plan measured short of the target and one past it, the next is chosen
+    # on the line through both measurements.
+    table = study.latency
+    original = table.estimate_ms - table.fixed_ms
+
+    def true_speedup(blocks: float) -> float:
+        saved = max(0.0, original - blocks) / original
+        return table.estimate_ms / (table.estimate_ms - original * (0.3 * saved + 0.9 * saved ** 2))
+
+    tables, measured = [], []  # the table each plan was chosen on; (plan blocks, measured speed-up)
+    chosen_on = Study.choose
+
+    def recording(self, target, method=None, rounds=2, table=None):
+        tables.append(table)
+        return chosen_on(self, target, method, rounds, table)
+
+    def simulated(self, plan, optimized):
+        measured.append((plan.blocks, true_speedup(sum(table.block_ms[c.key] for c in plan.blocks))))
+        return measured[-1][1]
+
+    monkeypatch.setattr(Study, "choose", recording)
+    monkeypatch.setattr(Study, "measured_speedup", simulated)
+    best = true_speedup(fastest(study.prepared.chain_lengths, study.prepared.candidates, table.block_ms))
+    target = 1 + (best - 1) / 2
+    _, report = study.plan(target, rounds=0, corrections=4)
+    assert [c["measured_speedup"] for c in report.speed_checks] == [m for _, m in measured]
+    speeds = [m for _, m in measured]
+    bracketed = [k for k in range(len(speeds)) if min(speeds[:k + 1]) < target < max(speeds[:k + 1]) / 1.04]
+    assert bracketed and bracketed[0] + 1 < len(speeds), speeds  # the simulation brackets the target
+    k = bracketed[0]
+    between = tables[k + 1]  # the table the plan after the bracket was chosen on
+    assert "either side of the target" in between.fit
+    slow = max((p for p in measured[:k + 1] if p[1] < target), key=lambda p: p[1])
+    fast = min((p for p in measured[:k + 1] if p[1] > target * 1.04), key=lambda p: p[1])
+    for blocks, speedup in (slow, fast):  # the line through both predicts what each measured
+        assert between.predicted_speedup(sum(between.block_ms[c.key] for c in blocks)) == pytest.approx(speedup)
+    kept = [c for c in report.speed_checks if c["kept"]]
+    assert len(kept) == 1 and kept[0]["measured_speedup"] >= target
+
+
 def test_a_plan_measured_below_its_target_is_chosen_again_on_latencies_fit_to_it(study, monkeypatch):
     # A runtime where removing blocks saves 70% of what the table says: CNN plans on ONNX Runtime
     # CPU saved about 80% (bench/RESULTS.md). The first plan measures below the target; the plan
