@@ -376,7 +376,7 @@ def test_once_plans_measured_on_both_sides_of_the_target_the_next_is_chosen_betw
     assert [c["measured_speedup"] for c in report.speed_checks] == [m for _, m in measured]
     speeds = [m for _, m in measured]
     bracketed = [k for k in range(len(speeds)) if min(speeds[:k + 1]) < target < max(speeds[:k + 1]) / 1.04]
-    assert bracketed and bracketed[0] + 1 < len(speeds), speeds  # the simulation brackets the target
+    assert bracketed and bracketed[0] + 1 < len(tables), speeds  # the simulation brackets the target
     k = bracketed[0]
     between = tables[k + 1]  # the table the plan after the bracket was chosen on
     assert "either side of the target" in between.fit
