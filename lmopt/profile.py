@@ -240,15 +240,16 @@ def from_file(prepared: Prepared, path: str, backend: str | None = None) -> Late
 
 
 def two_point_fit(whole_ms: float, original_blocks_ms: float, fast_ms: float,
-                  fast_blocks_ms: float) -> tuple[float, float] | None:
+                  fast_blocks_ms: float, allow_negative_fixed: bool = False) -> tuple[float, float] | None:
     """(scale, fixed ms) with whole = fixed + scale * original blocks and fast = fixed + scale * fast
-    blocks; None when the measurements do not give a positive scale and a non-negative fixed time."""
+    blocks; None when the measurements do not give a positive scale and (unless allowed otherwise)
+    a non-negative fixed time."""
     span = original_blocks_ms - fast_blocks_ms
     if span <= 0:
         return None
     scale = (whole_ms - fast_ms) / span
     fixed = whole_ms - scale * original_blocks_ms
-    if scale <= 0 or fixed < 0:
+    if scale <= 0 or (fixed < 0 and not allow_negative_fixed):
         return None
     return scale, fixed
 
@@ -320,11 +321,10 @@ def fit_between(table: LatencyTable, slow: tuple[float, float], fast: tuple[floa
     (a positive scale); the fixed time may come out negative, as a local line may."""
     (slow_ms, slow_speedup), (fast_ms, fast_speedup) = slow, fast
     fp32_ms = table.precision_gain * table.estimate_ms
-    slow_time, fast_time = fp32_ms / slow_speedup, fp32_ms / fast_speedup
-    if slow_ms <= fast_ms or slow_time <= fast_time:
+    fit = two_point_fit(fp32_ms / slow_speedup, slow_ms, fp32_ms / fast_speedup, fast_ms, allow_negative_fixed=True)
+    if fit is None:
         return None
-    scale = (slow_time - fast_time) / (slow_ms - fast_ms)
-    fixed = slow_time - scale * slow_ms
+    scale, fixed = fit
     return replace(table, block_ms={key: ms * scale for key, ms in table.block_ms.items()},
                    fixed_ms=fixed,
                    scale=table.scale * scale,

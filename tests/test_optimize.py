@@ -13,7 +13,7 @@ from lmopt.errors import LmoptError
 from lmopt.latency.signature import model_fingerprint
 from lmopt.metrics import compare
 from lmopt.onnxio import save_model
-from lmopt.optimizer import Study
+from lmopt.optimizer import SPEED_SLACK, Study
 from lmopt.prepare import prepare
 from lmopt.report import format_report, op_table
 from lmopt.runtime import run_outputs
@@ -375,13 +375,14 @@ def test_once_plans_measured_on_both_sides_of_the_target_the_next_is_chosen_betw
     _, report = study.plan(target, rounds=0, corrections=4)
     assert [c["measured_speedup"] for c in report.speed_checks] == [m for _, m in measured]
     speeds = [m for _, m in measured]
-    bracketed = [k for k in range(len(speeds)) if min(speeds[:k + 1]) < target < max(speeds[:k + 1]) / 1.04]
+    bracketed = [k for k in range(len(speeds))
+                 if min(speeds[:k + 1]) < target < max(speeds[:k + 1]) / (1 + SPEED_SLACK)]
     assert bracketed and bracketed[0] + 1 < len(tables), speeds  # the simulation brackets the target
     k = bracketed[0]
     between = tables[k + 1]  # the table the plan after the bracket was chosen on
     assert "either side of the target" in between.fit
     slow = max((p for p in measured[:k + 1] if p[1] < target), key=lambda p: p[1])
-    fast = min((p for p in measured[:k + 1] if p[1] > target * 1.04), key=lambda p: p[1])
+    fast = min((p for p in measured[:k + 1] if p[1] > target * (1 + SPEED_SLACK)), key=lambda p: p[1])
     for blocks, speedup in (slow, fast):  # the line through both predicts what each measured
         assert between.predicted_speedup(sum(between.block_ms[c.key] for c in blocks)) == pytest.approx(speedup)
     kept = [c for c in report.speed_checks if c["kept"]]
