@@ -27,6 +27,7 @@ from .latency.cache import LatencyCache
 from .outputs import restore_order
 from .prepare import prepare, timing_base, whole_with
 from .profile import LatencyTable, fit_between, fit_to_measured, from_file, profile
+from .quantize import describe as describe_quantization
 from .quantize import quantize_int8
 from .repair import repair as repair_in_context
 from .score import PlanChecker, Refits, score
@@ -284,6 +285,7 @@ class Study:
                         distill=None if distilled is None else distilled.to_json(),
                         importance_data=self.data.note, refit=self.refits.enabled, symbolic_dims=symbolic_note,
                         measured_models=timed_note, measured_runs=SPEED_REPEATS,
+                        quantization=describe_quantization() if self.precision == "int8" or baselines else "",
                         seconds=round(self.seconds + time.perf_counter() - started, 1))
         return restore_order(written or optimized, self.prepared.output_order), report
 

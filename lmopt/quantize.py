@@ -18,14 +18,35 @@ from .onnxio import runtime_compatible
 CALIBRATION_COUNT = 32  # samples that set the activation ranges (evenly spaced over the given feeds)
 
 
+def cpu_lacks_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True on an x86 CPU with AVX2 and no VNNI (read from Linux's `cpuinfo`); False elsewhere,
+    and where the flags cannot be read."""
+    try:
+        with open(cpuinfo) as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx2" in flags and "vnni" not in flags
+
+
 def settings() -> dict:
     """quantize_static's options: QDQ format, per-channel int8 weights, uint8 activations (U8S8: on x86
     onnxruntime's fast int8 kernels take unsigned activations; S8S8 measured no faster than fp32 on
-    EfficientNet-Lite0 here, U8S8 1.63x)."""
+    EfficientNet-Lite0 here, U8S8 1.63x). On an x86 CPU without VNNI the weights take 7 bits
+    (reduce_range), as onnxruntime's quantization docs advise: there its U8S8 kernels sum pairs of
+    products in 16 bits (VPMADDUBSW), which 8-bit weights can saturate (bench/RESULTS.md). The CPU is
+    the one lmopt runs on, which is the one it times plans on."""
     from onnxruntime.quantization import QuantFormat, QuantType
 
     return {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
-            "weight_type": QuantType.QInt8}
+            "weight_type": QuantType.QInt8, "reduce_range": cpu_lacks_vnni()}
+
+
+def describe() -> str:
+    """The settings in words, for the report."""
+    weights = (" in 7 bits (reduce_range: this x86 CPU has no VNNI, where 8-bit weights can saturate "
+               "onnxruntime's 16-bit sums)" if settings()["reduce_range"] else "")
+    return f"static QDQ (onnxruntime.quantization), uint8 activations, per-channel int8 weights{weights}"
 
 
 class _Reader:

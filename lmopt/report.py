@@ -183,6 +183,8 @@ def _fidelity_lines(report) -> list[str]:
         speed = report.baseline_speedups.get(name)
         alongside = f" ({speed:.2f}x, measured alongside)" if speed is not None else ""
         lines.append(f"  for comparison, {name}{alongside}: {fidelity_text(fid)}")
+    if report.quantization:
+        lines.append(f"  int8 quantization: {report.quantization}")
     for name in report.better_baselines:
         flags = BASELINE_FLAGS.get((name, report.precision))
         how = f": {flags}" if flags else ""

@@ -45,6 +45,7 @@ class Report:
     speedup_parts: dict[str, float] = field(default_factory=dict)  # measured alongside: "depth", "precision"
     baselines: dict[str, dict] = field(default_factory=dict)  # fidelity of alternatives ("int8 alone")
     baseline_speedups: dict[str, float] = field(default_factory=dict)  # theirs, measured alongside
+    quantization: str = ""  # how INT8 models (the written one or a baseline) were quantized (quantize.describe)
     # Weight bytes at their own precision (Deep Compression's size): the original, the model before
     # each later step ("before quantization": pruned and merged, fp32), and the written model.
     sizes: dict[str, int] = field(default_factory=dict)

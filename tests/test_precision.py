@@ -13,21 +13,12 @@ from lmopt.latency.base import get_backend
 from lmopt.metrics import compare
 from lmopt.optimizer import Study
 from lmopt.prepare import prepare
-from lmopt.quantize import quantize_int8
+from lmopt.quantize import cpu_lacks_vnni, describe, quantize_int8, settings
+from lmopt.report import format_report
 from lmopt.runtime import run_outputs
 from models.zoo import build
 
 FAST = {"runs": 3, "min_time_s": 0.0, "warmup_s": 0.0, "threads": 1}
-
-
-def cpu_lacks_vnni() -> bool:
-    """True on a Linux x86 CPU without VNNI; elsewhere False (unknown: the test runs)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx2" in flags and "vnni" not in flags
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +47,35 @@ def test_quantized_model_is_int8_qdq_per_channel_and_close_to_fp32(small):
     assert 0 < fid["nrmse"] < 0.2  # quantized (it moved), and not broken
 
 
-# Without VNNI, ONNX Runtime's U8S8 kernels sum pairs of products in 16 bits (VPMADDUBSW), which can
-# saturate (its quantization docs advise reduce_range there): seen 2026-12-05 on an AVX2-only EPYC, a
-# 9% deviation, and INT8 EfficientNet-Lite losing 3-14% of confident answers (bench/RESULTS.md).
-# lmopt's INT8 settings do not yet depend on the CPU; until they do, this is an expected failure there.
-@pytest.mark.xfail(cpu_lacks_vnni(), reason="U8S8 integer kernels can saturate on x86 CPUs without VNNI",
-                   strict=False)
+@pytest.mark.parametrize("flags, lacks", [
+    ("fpu sse sse2 avx avx2 fma", True),  # AVX2 only: U8S8 sums pairs in 16 bits (VPMADDUBSW)
+    ("fpu sse sse2 avx avx2 avx512f avx512_vnni", False),
+    ("fpu sse sse2 avx avx2 avx_vnni", False),
+    ("fp asimd evtstrm aes", False),  # Arm: not the x86 kernels
+])
+def test_weights_take_7_bits_on_x86_without_vnni(tmp_path, monkeypatch, flags, lacks):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_lacks_vnni(str(cpuinfo)) is lacks
+    assert cpu_lacks_vnni(str(tmp_path / "absent")) is False
+    monkeypatch.setattr("lmopt.quantize.cpu_lacks_vnni", lambda: lacks)
+    assert settings()["reduce_range"] is lacks
+    assert ("7 bits" in describe()) is lacks
+
+
+def test_reduced_range_weights_span_7_bits(small, monkeypatch):
+    monkeypatch.setattr("lmopt.quantize.cpu_lacks_vnni", lambda: True)
+    quantized = quantize_int8(small, random_feeds(small, 8))
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    weights = [inits[n.input[0]] for n in quantized.graph.node if n.op_type == "DequantizeLinear"
+               and inits.get(n.input[0]) is not None and inits[n.input[0]].ndim == 4]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    assert max(int(np.abs(w.astype(int)).max()) for w in weights) == 64  # [-64, 64], not [-127, 127]
+
+
+# Without VNNI, ONNX Runtime's U8S8 kernels sum pairs of products in 16 bits (VPMADDUBSW), which 8-bit
+# weights can saturate: seen 2026-12-05 on an AVX2-only EPYC, a 9% deviation. lmopt quantizes
+# weights to 7 bits there (quantize.settings), and the fused kernels then match the simulation.
 def test_integer_kernels_match_the_qdq_simulation(small):
     """ONNX Runtime fuses DQ -> Conv -> Q into integer kernels; with graph optimisation off it runs the
     same QDQ graph as float arithmetic on quantized values. Both must agree to about one quantization
@@ -101,6 +115,8 @@ def test_stacked_plan_reports_depth_precision_and_both(small):
     assert "QuantizeLinear" in {n.op_type for n in model.graph.node}
     assert set(report.speedup_parts) == {"depth", "precision"} and report.measured_speedup > 0
     assert set(report.baselines) == {"int8 alone"} and "quantization" in report.fidelity_before
+    # the report says how INT8 was quantized on this CPU (7-bit weights without VNNI)
+    assert report.quantization == describe() and f"int8 quantization: {describe()}" in format_report(report)
     # the written model is the plan quantized: its fidelity is measured, not the fp32 plan's
     assert report.fidelity == compare(run_outputs(study.prepared.model, study.data.eval),
                                       run_outputs(model, study.data.eval))
