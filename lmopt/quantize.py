@@ -5,6 +5,7 @@ every model it writes at int8 are quantized alike.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from .graph import copy_model
 from .onnxio import runtime_compatible
 
 CALIBRATION_COUNT = 32  # samples that set the activation ranges (evenly spaced over the given feeds)
+# 7 or 8: the weight bits wanted whatever this CPU is (for a model deployed on another CPU than lmopt runs on)
+WEIGHT_BITS_VARIABLE = "LMOPT_INT8_WEIGHT_BITS"
 
 
 def cpu_lacks_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -29,23 +32,34 @@ def cpu_lacks_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return " avx2" in flags and "vnni" not in flags
 
 
+def weight_bits() -> int:
+    """7 or 8: as LMOPT_INT8_WEIGHT_BITS says where it is set, else 7 on an x86 CPU without VNNI."""
+    asked = os.environ.get(WEIGHT_BITS_VARIABLE, "").strip()
+    if not asked:
+        return 7 if cpu_lacks_vnni() else 8
+    if asked not in ("7", "8"):
+        raise LmoptError(f"{WEIGHT_BITS_VARIABLE} must be 7 or 8, not {asked!r}")
+    return int(asked)
+
+
 def settings() -> dict:
     """quantize_static's options: QDQ format, per-channel int8 weights, uint8 activations (U8S8: on x86
     onnxruntime's fast int8 kernels take unsigned activations; S8S8 measured no faster than fp32 on
     EfficientNet-Lite0 here, U8S8 1.63x). On an x86 CPU without VNNI the weights take 7 bits
     (reduce_range), as onnxruntime's quantization docs advise: there its U8S8 kernels sum pairs of
     products in 16 bits (VPMADDUBSW), which 8-bit weights can saturate (bench/RESULTS.md). The CPU is
-    the one lmopt runs on, which is the one it times plans on."""
+    the one lmopt runs on, which is the one it times plans on; LMOPT_INT8_WEIGHT_BITS overrides it."""
     from onnxruntime.quantization import QuantFormat, QuantType
 
     return {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
-            "weight_type": QuantType.QInt8, "reduce_range": cpu_lacks_vnni()}
+            "weight_type": QuantType.QInt8, "reduce_range": weight_bits() == 7}
 
 
 def describe() -> str:
     """The settings in words, for the report."""
-    weights = (" in 7 bits (reduce_range: this x86 CPU has no VNNI, where 8-bit weights can saturate "
-               "onnxruntime's 16-bit sums)" if settings()["reduce_range"] else "")
+    why = (f"as {WEIGHT_BITS_VARIABLE} asks" if os.environ.get(WEIGHT_BITS_VARIABLE, "").strip() else
+           "this x86 CPU has no VNNI, where 8-bit weights can saturate onnxruntime's 16-bit sums")
+    weights = f" in 7 bits (reduce_range: {why})" if weight_bits() == 7 else ""
     return f"static QDQ (onnxruntime.quantization), uint8 activations, per-channel int8 weights{weights}"
 
 

@@ -253,6 +253,16 @@ def test_unknown_backend_is_one_line_and_writes_nothing(tmp_path, capfd):
     assert digest(path) == before and not (tmp_path / "o.onnx").exists()
 
 
+def test_bad_int8_weight_bits_is_one_line_and_writes_nothing(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("LMOPT_INT8_WEIGHT_BITS", "4")
+    path = write_zoo(tmp_path)
+    before = digest(path)
+    code, out, err = call(["optimize", path, "--target", "2", "--precision", "int8", "--backend", "ort-cpu",
+                           "--no-cache", "-q", "--no-measure", "-o", tmp_path / "o.onnx"], capfd)
+    assert_one_line_error(code, out, err, "LMOPT_INT8_WEIGHT_BITS must be 7 or 8")
+    assert digest(path) == before and not (tmp_path / "o.onnx").exists()
+
+
 # --------------------------------------------------------------------------- inspect
 
 

@@ -54,6 +54,7 @@ def test_quantized_model_is_int8_qdq_per_channel_and_close_to_fp32(small):
     ("fp asimd evtstrm aes", False),  # Arm: not the x86 kernels
 ])
 def test_weights_take_7_bits_on_x86_without_vnni(tmp_path, monkeypatch, flags, lacks):
+    monkeypatch.delenv("LMOPT_INT8_WEIGHT_BITS", raising=False)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     assert cpu_lacks_vnni(str(cpuinfo)) is lacks
@@ -61,10 +62,21 @@ def test_weights_take_7_bits_on_x86_without_vnni(tmp_path, monkeypatch, flags, l
     monkeypatch.setattr("lmopt.quantize.cpu_lacks_vnni", lambda: lacks)
     assert settings()["reduce_range"] is lacks
     assert ("7 bits" in describe()) is lacks
+    # LMOPT_INT8_WEIGHT_BITS asks for either whatever the CPU (a model deployed on another one)
+    monkeypatch.setenv("LMOPT_INT8_WEIGHT_BITS", "8" if lacks else "7")
+    assert settings()["reduce_range"] is not lacks
+    assert ("as LMOPT_INT8_WEIGHT_BITS asks" in describe()) is not lacks
+
+
+@pytest.mark.parametrize("value", ["6", "eight", "7.0"])
+def test_int8_weight_bits_are_7_or_8(monkeypatch, value):
+    monkeypatch.setenv("LMOPT_INT8_WEIGHT_BITS", value)
+    with pytest.raises(LmoptError, match="LMOPT_INT8_WEIGHT_BITS must be 7 or 8"):
+        settings()
 
 
 def test_reduced_range_weights_span_7_bits(small, monkeypatch):
-    monkeypatch.setattr("lmopt.quantize.cpu_lacks_vnni", lambda: True)
+    monkeypatch.setenv("LMOPT_INT8_WEIGHT_BITS", "7")
     quantized = quantize_int8(small, random_feeds(small, 8))
     inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     weights = [inits[n.input[0]] for n in quantized.graph.node if n.op_type == "DequantizeLinear"

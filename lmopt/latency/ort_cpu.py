@@ -84,12 +84,11 @@ class OrtCpuBackend(LatencyBackend):
     def cache_key(self) -> dict:
         import onnxruntime as ort
 
-        from ..quantize import settings
+        from ..quantize import weight_bits
 
         # 7-bit weights time alike, but the key says what was timed (see quantize.settings)
-        weight_bits = (7 if settings()["reduce_range"] else 8) if self.precision == "int8" else None
         return self._base_key(cpu_name(), f"onnxruntime {ort.__version__}", threads=self.threads, spinning="off",
-                              int8_weight_bits=weight_bits)
+                              int8_weight_bits=weight_bits() if self.precision == "int8" else None)
 
     def _open(self, model: onnx.ModelProto) -> Session:
         import onnxruntime as ort
