@@ -24,11 +24,20 @@ from bench_accuracy import ROOT, model_and_data
 from models.efficientnet_lite import NAMES
 
 
+def block_span(text: str) -> tuple[int, int]:
+    """START-END positions of chain 0, e.g. 12-15."""
+    try:
+        start, end = map(int, text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a block as START-END, e.g. 12-15") from None
+    return start, end
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnet_lite0", choices=list(NAMES))
     parser.add_argument("--fold", type=int, choices=(0, 1), default=1)
-    parser.add_argument("--blocks", nargs="+", default=["12-15", "21-24", "27-30", "30-33", "36-39"],
+    parser.add_argument("--blocks", nargs="+", type=block_span, default=["12-15", "21-24", "27-30", "30-33", "36-39"],
                         help="residual MBConv blocks of chain 0 as START-END positions (expand, depthwise, project)")
     parser.add_argument("--alphas", nargs="*", type=float, default=[0.25, 0.5, 0.75])
     parser.add_argument("--calib-count", type=int, default=512)
@@ -61,14 +70,17 @@ def main() -> None:
     print(f"{args.model} fold {args.fold}: {len(data.fit)} fitting and {len(data.score)} scoring batches")
     print("| block | C x HW | change | squared error, fitting crops | held-out crops | damage (held-out) |")
     print("|---|---|---|---|---|---|")
-    for block in args.blocks:
-        start, end = map(int, block.split("-"))
+    for start, end in args.blocks:
+        block = f"{start}-{end}"
         names = [chain.positions[start], chain.units[end - 1].pre_act]
         x_fit, y_fit = refits._activations(names)
         x_held, y_held = damage_scorer.values(names)
         removed = Candidate(0, start, end, tuple(range(start + 1, end + 1)))
         refit_cand = Candidate(0, start, end, (start + 2,))
         refit = refits.operator(refit_cand)
+        if refit is None or refit.weight.shape[2:] != (1, 1):
+            raise SystemExit(f"c0:{block}: pruning unit {start + 2} leaves no 1x1 layer to refit here (is it an "
+                             "expand / depthwise / project block?)")
         weight, bias = refit.weight[:, :, 0, 0], refit.bias
         identity, zero = np.eye(len(bias)), np.zeros(len(bias))
         rows = [("removed", identity, zero, output_damage(removed, None)),
