@@ -69,7 +69,8 @@ def markdown(rows: list[dict]) -> str:
 
 def data_name(args) -> str:
     """The name of the calibration/evaluation split `args` ask for, in folder and report names."""
-    return f"fold{args.fold}" if args.fold is not None else ("more" if args.more_calib_sources else "")
+    name = f"fold{args.fold}" if args.fold is not None else ("more" if args.more_calib_sources else "")
+    return "_".join(filter(None, (name, "extra" if args.extra_calib_sources else "")))
 
 
 def model_and_data(name: str, args) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
@@ -79,7 +80,7 @@ def model_and_data(name: str, args) -> tuple[pathlib.Path, pathlib.Path, pathlib
         save(name, model_path)
     folder = args.out / "_".join(filter(None, (name, "data", data_name(args))))
     return (model_path, *write_sets(folder, image_size(name), MEAN, STD, more_calib_sources=args.more_calib_sources,
-                                    fold=args.fold))
+                                    fold=args.fold, extra_calib_sources=args.extra_calib_sources))
 
 
 def study_of(name: str, args, **backend_options):
@@ -105,6 +106,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, models: list[str], target
                         help="calibrate on 41 source images instead of 12 (bench/image_data.py)")
     parser.add_argument("--fold", type=int, choices=(0, 1),
                         help="two-fold split of all 49 source images: calibrate on one half, evaluate on the other")
+    parser.add_argument("--extra-calib-sources", action="store_true",
+                        help="14 more calibration-only photos (bench/image_data.py); evaluation unchanged")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out" / out)
 
 

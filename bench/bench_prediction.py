@@ -1,6 +1,8 @@
 """Predicted against measured speed-up of plans for several targets, on the study's latency table
 as profiled (before any fit to a measured plan), and how well a fit through one measured plan
-predicts the others (profile.two_point_fit, as profile.fit_to_measured uses it).
+predicts the others (profile.two_point_fit, as profile.fit_to_measured uses it). Each plan is also
+predicted with the blocks' standalone boundaries shared equally among the chain's positions instead
+of by tensor size (profile.boundary_corrected's by_size=False), for comparison.
 
     LMOPT_CACHE_DIR=... python bench/bench_prediction.py [--model efficientnet_lite1] [--threads 2]
         [--out bench/out/accuracy]
@@ -28,7 +30,7 @@ TARGETS = (1.15, 1.25, 1.35, 1.5, 1.75, 2.0)
 def main() -> None:
     from lmopt.optimizer import Study
     from lmopt.prepare import timing_base, whole_with
-    from lmopt.profile import two_point_fit
+    from lmopt.profile import boundary_corrected, two_point_fit
     from lmopt.select import choose
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,15 +49,25 @@ def main() -> None:
     prepared, table = study.prepared, study.latency
     base = timing_base(prepared, study.runner)
     original_blocks = table.estimate_ms - table.fixed_ms
-    measured = {}
-    print("| target | predicted | measured |\n|---|---|---|")
+    equal = boundary_corrected(prepared.model, prepared.analysis, prepared.candidates, table.timed_ms,
+                               table.chain_ms, by_size=False)
+    equal_estimate = table.fixed_ms + sum(equal[c.key] for c in prepared.candidates if c.is_original)
+    measured, errors = {}, {"by size (lmopt's)": [], "equal shares": []}
+    print("| target | predicted | predicted, boundaries shared equally | measured |\n|---|---|---|---|")
     for target in TARGETS:
         plan = choose(table, prepared.chain_lengths, prepared.candidates, study.scores.damage, target, "layermerge",
                       prepared.segments)
         whole_ms, plan_ms = study.runner.measure_interleaved([whole_with(base, prepared.analysis, []),
                                                               whole_with(base, prepared.analysis, plan.changes)])
-        measured[target] = (plan.planned_ms, whole_ms / plan_ms)
-        print(f"| {target:g}x | {plan.predicted_speedup:.3f}x | {whole_ms / plan_ms:.3f}x |", flush=True)
+        speedup = whole_ms / plan_ms
+        measured[target] = (plan.planned_ms, speedup)
+        shared = equal_estimate / (table.fixed_ms + sum(equal.get(b.key, table.block_ms[b.key]) for b in plan.blocks))
+        errors["by size (lmopt's)"].append(plan.predicted_speedup / speedup - 1)
+        errors["equal shares"].append(shared / speedup - 1)
+        print(f"| {target:g}x | {plan.predicted_speedup:.3f}x | {shared:.3f}x | {speedup:.3f}x |", flush=True)
+    for form, values in errors.items():
+        rms = (sum(e * e for e in values) / len(values)) ** 0.5
+        print(f"{form}: prediction error rms {100 * rms:.1f}%, largest {100 * max(values, key=abs):+.1f}%")
     for anchor, (planned_ms, speedup) in measured.items():
         fit = two_point_fit(table.estimate_ms, original_blocks, table.estimate_ms / speedup, planned_ms)
         if fit is None:

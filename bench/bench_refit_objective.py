@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--calib-count", type=int, default=512)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out" / "refit_objective")
     args = parser.parse_args()
-    args.more_calib_sources = False
+    args.more_calib_sources = args.extra_calib_sources = False
     args.out.mkdir(parents=True, exist_ok=True)
     from lmopt.algebra.linear import ConvSpec
     from lmopt.calib import study_data

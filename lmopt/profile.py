@@ -70,25 +70,36 @@ def tensor_size(shape: Sequence | None) -> int:
 
 
 def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: list[Candidate],
-                       latency: dict[str, float], chain_ms: dict[int, float]) -> dict[str, float]:
+                       latency: dict[str, float], chain_ms: dict[int, float],
+                       by_size: bool = True) -> dict[str, float]:
     """Block latencies with the cost of their standalone boundaries taken out.
 
     A block timed alone pays at its input and output what it does not pay inside the network
-    (layout reorders such as ONNX Runtime's NCHWc, TensorRT's reformats, per-run overhead). The
-    chain timed as one model shows how much: sum(original blocks) - chain = beta * sum of the
-    sizes of the chain's inner positions. Each block then gives back beta/2 * size at each inner
-    end, so any plan sums to (timed blocks - the boundaries it removes); the original plan sums
-    to the chain's own time."""
+    (per-run overhead, layout reorders such as ONNX Runtime's NCHWc, TensorRT's reformats). The
+    chain timed as one model shows how much: sum(original blocks) - chain. That excess is shared
+    among the chain's inner positions in proportion to their tensor sizes (`by_size=False`: equally),
+    and each block gives back half a share at each inner end, so any plan sums to (timed blocks - the
+    boundaries it removes) and the original plan sums to the chain's own time.
+
+    Neither form predicts every CNN best on ONNX Runtime CPU: six plans of EfficientNet-Lite0 measured
+    whole were predicted with rms error 11.5% by size and 1.6% with equal shares, six of Lite1 4.3%
+    by size and 8.8% equal (bench/bench_prediction.py, bench/RESULTS.md); by size is kept, and plans
+    are measured and chosen again where they miss (Study.choose_measured)."""
     sizes = {t.name: tensor_size(t.shape) for t in gs.import_onnx(model).tensors().values()}
+
+    def weight(name: str) -> float:
+        size = sizes.get(name, 0)
+        return float(size) if by_size else float(size > 0)
+
     corrected = {}
     for chain in analysis.chains:
         mine = [c for c in candidates if c.chain == chain.index]
-        inner = sum(sizes.get(name, 0) for name in chain.positions[1:-1])
+        inner = sum(weight(name) for name in chain.positions[1:-1])
         original = sum(latency[c.key] for c in mine if c.is_original)
-        beta = max(0.0, (original - chain_ms[chain.index]) / inner) if inner else 0.0
+        share = max(0.0, (original - chain_ms[chain.index]) / inner) if inner else 0.0
         for cand in mine:
             ends = [p for p in (cand.start, cand.end) if 0 < p < len(chain)]
-            give_back = beta / 2 * sum(sizes.get(chain.positions[p], 0) for p in ends)
+            give_back = share / 2 * sum(weight(chain.positions[p]) for p in ends)
             corrected[cand.key] = max(0.0, latency[cand.key] - give_back)
     return corrected
 

@@ -1,6 +1,13 @@
 """The benchmark's split of its natural images by source (bench/image_data.py): evaluation images are
 never calibration images, which is what makes its fidelity figures count."""
-from bench.image_data import CALIB_SOURCES, EVAL_SOURCES, MORE_CALIB_SOURCES, fold_sources
+from bench.image_data import (
+    CALIB_SOURCES,
+    EVAL_SOURCES,
+    EXTRA_CALIB_SOURCES,
+    MORE_CALIB_SOURCES,
+    fold_sources,
+    spread_in,
+)
 
 ALL_SOURCES = set(CALIB_SOURCES + EVAL_SOURCES + MORE_CALIB_SOURCES)
 
@@ -23,3 +30,18 @@ def test_two_folds_split_every_image_once_by_source():
         assert any(s.startswith("skimage:") for s in sources)
     half = len(calib0) // 2
     assert any(s.startswith("foolbox:") for s in calib0[:half]) and any(s.startswith("foolbox:") for s in calib0[half:])
+
+
+def test_extra_sources_calibrate_only_and_spread_over_both_halves():
+    assert not set(EXTRA_CALIB_SOURCES) & ALL_SOURCES and len(set(EXTRA_CALIB_SOURCES)) == 14
+    for fold in (0, 1):
+        calib, evals = fold_sources(fold)
+        widened = spread_in(calib, EXTRA_CALIB_SOURCES)
+        assert sorted(widened) == sorted(calib + EXTRA_CALIB_SOURCES) and not set(widened) & set(evals)
+        assert [s for s in widened if s in calib] == list(calib)  # the fold's own order is kept
+        half = len(widened) // 2
+        extra_first = sum(s in EXTRA_CALIB_SOURCES for s in widened[:half])
+        assert abs(2 * extra_first - len(EXTRA_CALIB_SOURCES)) <= 2  # about half in each half
+        if "skimage:motorcycle_left.png" in widened:
+            left = widened.index("skimage:motorcycle_left.png")
+            assert widened[left + 1] == "skimage:motorcycle_right.png"

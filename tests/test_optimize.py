@@ -100,6 +100,31 @@ def test_boundary_correction_keeps_plans_consistent_with_chain_timings(study):
                     assert study.latency.block_ms[cand.key] == study.latency.timed_ms[cand.key]
 
 
+def test_boundary_excess_is_shared_by_tensor_size_or_equally_among_positions(study):
+    import onnx_graphsurgeon as gs
+
+    from lmopt.profile import boundary_corrected, tensor_size
+
+    prepared = study.prepared
+    chain = max(prepared.analysis.chains, key=len)
+    originals = [c for c in prepared.candidates if c.chain == chain.index and c.is_original]
+    timed = {c.key: 10.0 for c in prepared.candidates}  # large enough that no give-back is clamped at 0
+    chain_ms = {c.index: 10.0 * len(c) for c in prepared.analysis.chains}
+    chain_ms[chain.index] = 10.0 * len(originals) - 0.5 * (len(chain) - 1)  # 0.5 ms per inner position
+    equal = boundary_corrected(prepared.model, prepared.analysis, prepared.candidates, timed, chain_ms, by_size=False)
+    sized = boundary_corrected(prepared.model, prepared.analysis, prepared.candidates, timed, chain_ms)
+    for corrected in (equal, sized):  # either way the original plan sums to the chain's own time
+        assert sum(corrected[c.key] for c in originals) == pytest.approx(chain_ms[chain.index])
+    inner = [c for c in originals if 0 < c.start and c.end < len(chain)]
+    # equal shares: a block with two inner ends gives back one share, whatever its tensors' sizes
+    assert all(equal[c.key] == pytest.approx(9.5) for c in inner)
+    sizes = {t.name: tensor_size(t.shape) for t in gs.import_onnx(prepared.model).tensors().values()}
+    ends = [sizes[chain.positions[c.start]] + sizes[chain.positions[c.end]] for c in inner]
+    assert len(set(ends)) > 1  # the chain's tensors differ in size, so the two forms differ
+    give_back = [10.0 - sized[c.key] for c in inner]
+    assert give_back[0] / give_back[-1] == pytest.approx(ends[0] / ends[-1])
+
+
 def test_target_one_changes_nothing_and_outputs_are_identical(study):
     model, report = study.plan(1.0, "layermerge", measure=False)
     assert report.changes == []
