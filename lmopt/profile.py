@@ -82,7 +82,7 @@ def boundary_corrected(model: onnx.ModelProto, analysis: Analysis, candidates: l
     boundaries it removes) and the original plan sums to the chain's own time.
 
     Neither form predicts every CNN best on ONNX Runtime CPU: six plans of EfficientNet-Lite0 measured
-    whole were predicted with rms error 11.5% by size and 1.6% with equal shares, six of Lite1 4.3%
+    whole were predicted with rms error 10.9% by size and 3.1% with equal shares, six of Lite1 4.3%
     by size and 8.8% equal (bench/bench_prediction.py, bench/RESULTS.md); by size is kept, and plans
     are measured and chosen again where they miss (Study.choose_measured)."""
     sizes = {t.name: tensor_size(t.shape) for t in gs.import_onnx(model).tensors().values()}
