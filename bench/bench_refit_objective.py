@@ -73,7 +73,7 @@ def main() -> None:
     for start, end in args.blocks:
         block = f"{start}-{end}"
         names = [chain.positions[start], chain.units[end - 1].pre_act]
-        x_fit, y_fit = refits._activations(names)
+        x_fit, y_fit = refits.activations(names)
         x_held, y_held = damage_scorer.values(names)
         removed = Candidate(0, start, end, tuple(range(start + 1, end + 1)))
         refit_cand = Candidate(0, start, end, (start + 2,))

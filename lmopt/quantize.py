@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .errors import LmoptError, one_line
 from .graph import copy_model
@@ -94,11 +95,15 @@ def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
         onnx.save(runtime_compatible(copy_model(model)), source)
         advice = _NoPreProcessingAdvice()
         logging.getLogger().addFilter(advice)
+        # Its calibration sessions use ORT's default logger, which warns of every initializer they
+        # find unused ("Removing initializer ..."): noise to a user, not an error.
+        ort.set_default_logger_severity(3)
         try:
             quantize_static(str(source), str(target), _Reader([feeds[i] for i in picks]), **settings())
         except Exception as exc:  # noqa: BLE001 - onnxruntime.quantization raises plain exceptions
             raise LmoptError(f"INT8 quantization failed: {one_line(exc, type(exc).__name__)}") from None
         finally:
             logging.getLogger().removeFilter(advice)
+            ort.set_default_logger_severity(2)  # ORT's default; it has no getter to restore from
         quantized = onnx.load(str(target))
     return quantized

@@ -185,7 +185,7 @@ class Refits:
     def of(self, changes: list[Candidate]) -> dict:
         return {c.key: self.operator(c) for c in changes}
 
-    def _activations(self, names: list[str]) -> list[np.ndarray]:
+    def activations(self, names: list[str]) -> list[np.ndarray]:
         """The original's values of `names` on the fit data; for token values, real tokens only."""
         if self._scorer is None:  # the original's activations on the fit data, once
             self._scorer = Scorer(self.prepared.model, self.fit_feeds, chain_positions(self.prepared))
@@ -197,7 +197,7 @@ class Refits:
 
     def _refit(self, cand: Candidate | Segment):
         if isinstance(cand, Segment):
-            return fit_linear(*self._activations([cand.start, cand.end])) if cand.mode == "linear" else None
+            return fit_linear(*self.activations([cand.start, cand.end])) if cand.mode == "linear" else None
         chain = self.prepared.analysis.chains[cand.chain]
         builder = BlockBuilder(gs.import_onnx(self.prepared.model), chain, cand)
         merged, explicit = builder.build()
@@ -206,7 +206,7 @@ class Refits:
         names = [chain.positions[cand.start], chain.units[cand.end - 1].pre_act]
         if explicit is not None:
             names.append(explicit.tensor)
-        values = self._activations(names)
+        values = self.activations(names)
         target = values[1] - values[2] if explicit is not None else values[1]
         if isinstance(merged, ConvSpec):
             return refit_conv(merged, values[0], target)

@@ -47,6 +47,22 @@ def test_quantized_model_is_int8_qdq_per_channel_and_close_to_fp32(small):
     assert 0 < fid["nrmse"] < 0.2  # quantized (it moved), and not broken
 
 
+def test_quantization_does_not_warn_of_initializers_it_leaves_unused(capfd):
+    """onnxruntime.quantization's calibration sessions log through ORT's default logger, which warns
+    (on the process's stderr, hence capfd) of every initializer no node uses: here one in the input."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).random((4, 3, 3, 3), np.float32), "w")
+    unused = numpy_helper.from_array(np.ones(5, np.float32), "unused")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+                                   [weight, unused])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    feeds = [{"x": np.random.default_rng(i).random((1, 3, 8, 8), np.float32)} for i in range(4)]
+    quantized = quantize_int8(model, feeds)
+    assert "Removing initializer" not in capfd.readouterr().err
+    assert "QuantizeLinear" in [n.op_type for n in quantized.graph.node]
+
+
 @pytest.mark.parametrize("flags, lacks", [
     ("fpu sse sse2 avx avx2 fma", True),  # AVX2 only: U8S8 sums pairs in 16 bits (VPMADDUBSW)
     ("fpu sse sse2 avx avx2 avx512f avx512_vnni", False),
