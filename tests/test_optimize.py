@@ -287,15 +287,24 @@ def test_a_scorer_within_a_small_memory_budget_scores_the_same(small_resnet):
     assert sum(v.nbytes for name, v in roomy.stacked.items() if name not in roomy.inputs) > one  # it did bind
 
 
-@pytest.mark.parametrize("measured, warned", [(1.20, True), (1.27, False)])
-def test_the_report_says_when_the_measured_speedup_falls_short_of_a_target_met_by_prediction(measured, warned):
+@pytest.mark.parametrize("measured, while_chosen, warned, why", [
+    (1.20, None, True, "the prediction was optimistic"), (1.27, None, False, ""),
+    (1.22, 1.26, True, "though 1.26x while it was chosen"), (1.22, 1.21, True, "the prediction was optimistic")])
+def test_the_report_says_when_the_measured_speedup_falls_short_of_a_target_met_by_prediction(measured, while_chosen,
+                                                                                            warned, why):
     ops = {"nodes": 1, "ops": {"Conv": 1}, "params": 1, "size_mb": 0.0}
     report = Report(target=1.25, method="layermerge", backend={"backend": "ort-cpu"}, latency_source="measured",
                     latency_scale=1.0, target_met=True, original_ms=5.0, predicted_ms=3.95, predicted_speedup=1.266,
                     fidelity={"nrmse": 0.1}, primary_output="y", outputs={}, importance_data="16 random inputs",
                     refit=True, candidates=3, changes=[], before=ops, after=ops, canonicalisation={},
-                    measured_ms=[5.0, 5.0 / measured], measured_speedup=measured)
-    assert ("measured below the 1.25x target" in format_report(report)) == warned
+                    measured_ms=[5.0, 5.0 / measured], measured_speedup=measured,
+                    speed_checks=[] if while_chosen is None else [
+                        {"changes": [], "predicted_speedup": 1.266, "measured_speedup": while_chosen,
+                         "check_damage": 0.1, "kept": True}])
+    text = format_report(report)
+    assert ("measured below the 1.25x target" in text) == warned
+    assert why in text
+    assert (while_chosen is not None) == (f"{while_chosen}x while it was chosen" in text)
 
 
 def _classifier_fidelity(top1: float, kl: float) -> dict:
