@@ -1,9 +1,11 @@
 """Does a better least-squares fit at a block's output mean a less damaged model? MBConv blocks of a
-real CNN, each changed alone, three ways:
+real CNN, each changed alone, four ways:
 
 - `removed`: the whole residual branch removed (the block becomes the identity);
 - `refit`: the depthwise conv pruned and the rest merged into one 1x1 conv, refit in closed form from
   the block's input to the original's block output (lmopt's candidate `c0:S-E/pM`);
+- `mean`: the branch replaced by its per-channel mean on the fitting crops (the first moment of the
+  block output kept, as bias correction keeps it after quantization);
 - `alpha A`: identity + A * (refit - identity), the refit shrunk toward the removal.
 
 For each: the squared error at the block's output on the fitting crops and on the held-out scoring
@@ -37,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnet_lite0", choices=list(NAMES))
     parser.add_argument("--fold", type=int, choices=(0, 1), default=1)
-    parser.add_argument("--blocks", nargs="+", type=block_span, default=["12-15", "21-24", "27-30", "30-33", "36-39"],
+    parser.add_argument("--blocks", nargs="+", type=block_span,
+                        default=[(12, 15), (21, 24), (27, 30), (30, 33), (36, 39)],
                         help="residual MBConv blocks of chain 0 as START-END positions (expand, depthwise, project)")
     parser.add_argument("--alphas", nargs="*", type=float, default=[0.25, 0.5, 0.75])
     parser.add_argument("--calib-count", type=int, default=512)
@@ -83,13 +86,19 @@ def main() -> None:
                              "expand / depthwise / project block?)")
         weight, bias = refit.weight[:, :, 0, 0], refit.bias
         identity, zero = np.eye(len(bias)), np.zeros(len(bias))
+
+        def one_by_one(w: np.ndarray, b: np.ndarray) -> ConvSpec:  # the refit's 1x1 layer with other weights
+            return ConvSpec(w[:, :, None, None].astype(refit.weight.dtype), b.astype(refit.bias.dtype), refit.strides,
+                            refit.pads_begin, refit.pads_end, refit.dilations, refit.group)
+
+        branch_mean = (y_fit - x_fit).mean(axis=(0, 2, 3))
         rows = [("removed", identity, zero, output_damage(removed, None)),
-                ("refit", weight, bias, output_damage(refit_cand, refit))]
+                ("refit", weight, bias, output_damage(refit_cand, refit)),
+                ("mean", identity, branch_mean, output_damage(refit_cand, one_by_one(identity, branch_mean)))]
         for alpha in args.alphas:
             shrunk_w, shrunk_b = identity + alpha * (weight - identity), alpha * bias
-            spec = ConvSpec(shrunk_w[:, :, None, None], shrunk_b, refit.strides, refit.pads_begin, refit.pads_end,
-                            refit.dilations, refit.group)
-            rows.append((f"alpha {alpha:g}", shrunk_w, shrunk_b, output_damage(refit_cand, spec)))
+            shrunk = output_damage(refit_cand, one_by_one(shrunk_w, shrunk_b))
+            rows.append((f"alpha {alpha:g}", shrunk_w, shrunk_b, shrunk))
         for label, w, b, value in rows:
             print(f"| c0:{block} | {len(bias)} x {x_held.shape[2]} | {label} | {layer_error(w, b, x_fit, y_fit):.3f} | "
                   f"{layer_error(w, b, x_held, y_held):.3f} | {value:.4f} |", flush=True)

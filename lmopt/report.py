@@ -134,12 +134,32 @@ def fidelity_text(fid: dict) -> str:
     return text
 
 
+FAMILY_NAMES = {"layermerge": "LayerMerge's DP", "prune": "its removal-only DP"}
+
+
+def _family_lines(report) -> list[str]:
+    """Where the plan was chosen between DPs over different candidates (Study.choose), each one's
+    least damage on the held-out calibration data and which was kept."""
+    least: dict[str, tuple[float, list]] = {}
+    for step in report.rounds:
+        family = step.get("candidates")
+        if family and (family not in least or step["check_damage"] < least[family][0]):
+            least[family] = (step["check_damage"], step["changes"])
+    if len({tuple(changes) for _, changes in least.values()}) < 2:
+        return []  # one DP, or both found the same plan
+    kept = [c["block"] for c in report.changes]
+    parts = ", ".join(f"{FAMILY_NAMES.get(family, family)} {damage:.4f}{' (kept)' if changes == kept else ''}"
+                      for family, (damage, changes) in least.items())
+    return [f"  damage on held-out calibration data of the plan of {parts}"]
+
+
 def _speed_lines(report) -> list[str]:
     backend = report.backend
     lines = [f"target {report.target:g}x with {report.method} on {backend.get('backend')} "
              f"({backend.get('device', '?')}) at {report.precision}"]
     if not report.target_met:
         lines.append("  target out of reach: this is the fastest plan found")
+    lines += _family_lines(report)
     lines.append(f"  original {report.original_ms:.3f} ms, predicted {report.predicted_ms:.3f} ms "
                  f"-> predicted speed-up {report.predicted_speedup:.2f}x")
     if report.latency_scale != 1.0:

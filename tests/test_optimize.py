@@ -147,6 +147,38 @@ def test_layermerge_is_never_worse_than_its_baselines_in_predicted_damage(study)
 
 
 
+def test_layermerge_keeps_the_removal_only_plan_where_it_is_less_damaging_on_held_out_data(study, monkeypatch):
+    # Summed block damages mislead where merged blocks interact, so LayerMerge also checks the plan
+    # of its removal-only candidates (prune's) whole and keeps the one less damaging on held-out data.
+    cands = [c for c in study.prepared.candidates if method_filter("prune", c)]
+    best = study.latency.predicted_speedup(fastest(study.prepared.chain_lengths, cands, study.latency.block_ms))
+    target = 1 + (best - 1) / 2
+    plan, model, _, history = study.choose(target, rounds=0)
+    assert [h["candidates"] for h in history] == ["layermerge", "prune"]
+    least = min(history, key=lambda h: h["check_damage"])
+    assert [c.key for c in plan.changes] == least["changes"]
+    assert study.checker.damage(model) == pytest.approx(least["check_damage"])
+
+    # Made to look worse than it is, the LayerMerge plan gives way to the removal-only one.
+    removal_only = [c.key for c in study.choose(target, "prune", rounds=0)[0].changes]
+    real_damage, calls = study.checker.damage, []
+
+    def layermerge_plan_looks_worse(model):
+        calls.append(model)
+        return real_damage(model) + (10.0 if len(calls) == 1 else 0.0)
+
+    monkeypatch.setattr(study.checker, "damage", layermerge_plan_looks_worse)
+    plan, _, _, history = study.choose(target, rounds=0)
+    assert len(calls) == 2 and [c.key for c in plan.changes] == removal_only
+    assert all(len(c.pruned) == c.length for c in plan.changes)
+    calls.clear()
+    _, report = study.plan(target, rounds=0, measure=False)
+    assert report.method == "layermerge" and [c["block"] for c in report.changes] == removal_only
+    if history[0]["changes"] != history[1]["changes"]:  # the report names both DPs' plans and the one kept
+        line = next(x for x in format_report(report).splitlines() if "removal-only DP" in x)
+        assert line.endswith(f"its removal-only DP {history[1]['check_damage']:.4f} (kept)")
+
+
 def test_warm_run_retimes_and_rescores_nothing(small_resnet, tmp_path, monkeypatch):
     from lmopt.latency import ort_cpu
     calls = {"measure": 0}
