@@ -158,27 +158,34 @@ class Study:
         if method != self.method and self.method != "layermerge":
             raise LmoptError(f"this study holds {self.method} candidates only; make one with method={method!r}")
         families = ("layermerge", "prune") if method == "layermerge" else (method,)
-        best, history = None, []
+        best, history, checked = None, [], {}
         for family in families:
-            found, rounds_tried = self._choose_rounds(target, method, family, rounds, table)
+            found, rounds_tried = self._choose_rounds(target, method, family, rounds, table, checked)
             history += rounds_tried
             if best is None or _less_damaging(found, best):
                 best = found
         return (*best[1:], history)
 
-    def _choose_rounds(self, target: float, method: str, family: str, rounds: int, table: LatencyTable):
+    def _choose_rounds(self, target: float, method: str, family: str, rounds: int, table: LatencyTable,
+                       checked: dict) -> tuple[tuple, list[dict]]:
         """((check damage, plan, built model, repair steps), history) of the least damaging of the
         rounds of the DP over `family`'s candidates (see choose); the plan is `method`'s, whose
-        candidates include the family's."""
+        candidates include the family's. `checked`: (check damage, built model, repair steps) by the
+        plan's changes, shared by the DPs of one choose, so that a plan both reach is built (and
+        repaired, quantized) and checked once."""
         damages, history, best = dict(self.scores.damage), [], None
         for round_index in range(rounds + 1):
             plan = dataclasses.replace(choose(table, self.prepared.chain_lengths, self.prepared.candidates, damages,
                                               target, family, self.prepared.segments), method=method)
-            if best is not None and [c.key for c in plan.changes] == [c.key for c in best[1].changes]:
+            keys = tuple(c.key for c in plan.changes)
+            if best is not None and keys == tuple(c.key for c in best[1].changes):
                 break  # the same plan again: its check would be the same
-            optimized, repair_steps = self.build(plan.changes)
-            check = self.checker.damage(self.at_precision(optimized))  # quantization in the loop
-            history.append({"round": round_index, "candidates": family, "changes": [c.key for c in plan.changes],
+            if keys not in checked:
+                optimized, repair_steps = self.build(plan.changes)
+                check = self.checker.damage(self.at_precision(optimized))  # quantization in the loop
+                checked[keys] = (check, optimized, repair_steps)
+            check, optimized, repair_steps = checked[keys]
+            history.append({"round": round_index, "candidates": family, "changes": list(keys),
                             "check_damage": check, "predicted_speedup": plan.predicted_speedup})
             logger.info("lmopt: %s round %d: %d changes, damage on held-out calibration data %.4f", family,
                         round_index, len(plan.changes), check)
