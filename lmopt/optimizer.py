@@ -49,9 +49,8 @@ SPEED_MARGIN = 0.01
 SPEED_REPEATS = 3  # measurements per plan (while choosing and in the report), of which the median counts
 # At int8 a plan is quantized for its check, for its measurement and for the written model (each
 # quantization runs calibration and takes seconds on a real CNN); the last few quantized models are
-# kept by content so that each model is quantized once: enough for a choose's plans (two DPs of up
-# to three rounds each) to be measured after they were checked.
-QUANTIZED_KEPT = 8
+# kept by content so that each model is quantized once.
+QUANTIZED_KEPT = 4
 
 
 class Study:
@@ -155,25 +154,17 @@ class Study:
         plan less damaging on the held-out data is kept: the DP adds up damages measured one block at a
         time, and merged blocks that look cheap alone can cost far more together (bench/RESULTS.md,
         "Removal-only plans")."""
-        found, history = self._choose_families(target, method, rounds, table)
-        return (*found[0][1:], history)
-
-    def _choose_families(self, target: float, method: str | None, rounds: int,
-                         table: LatencyTable | None) -> tuple[list[tuple], list[dict]]:
-        """(each DP's (check damage, plan, built model, repair steps), the kept one first and each
-        distinct plan once; the rounds of all of them) for `choose`."""
         method, table = method or self.method, table or self.latency
         if method != self.method and self.method != "layermerge":
             raise LmoptError(f"this study holds {self.method} candidates only; make one with method={method!r}")
         families = ("layermerge", "prune") if method == "layermerge" else (method,)
-        found, history, checked = [], [], {}
+        best, history, checked = None, [], {}
         for family in families:
-            best, rounds_tried = self._choose_rounds(target, method, family, rounds, table, checked)
+            found, rounds_tried = self._choose_rounds(target, method, family, rounds, table, checked)
             history += rounds_tried
-            if any(_keys(best[1]) == _keys(other[1]) for other in found):
-                continue
-            found.insert(0 if found and _less_damaging(best, found[0]) else len(found), best)
-        return found, history
+            if best is None or _less_damaging(found, best):
+                best = found
+        return (*best[1:], history)
 
     def _choose_rounds(self, target: float, method: str, family: str, rounds: int, table: LatencyTable,
                        checked: dict) -> tuple[tuple, list[dict]]:
@@ -228,27 +219,17 @@ class Study:
         plan removes, so a plan predicted to meet the target can measure below it. While the measured
         speed-up falls outside [target, target * (1 + SPEED_SLACK)], up to `corrections` times, the
         study's table is fit to the plans measured so far (see _fit_to_tried) and the plan chosen
-        again on it, with SPEED_MARGIN to spare. Where LayerMerge's two DPs reach different plans, the
-        one not kept is measured too: it may meet the target where the kept one falls just short.
-        Of the plans measured, the least damaging one (on the held-out calibration data) that measured
-        at least the target is kept, else the fastest measured."""
-        table, tried = self.latency, []
-        found, history = self._choose_families(target, method, rounds, table)
-        for correction in range(corrections + 1):
-            repeated = False
-            for check, plan, optimized, repair_steps in found:  # the kept plan first, then the other DPs'
-                result = (plan, optimized, repair_steps, history)
-                again = next((t for t in tried if _keys(t["result"][0]) == _keys(plan)), None)
-                if again is not None:  # measured before: keep its measurement, now predicted by this table
-                    again.update(result=result, table=table)
-                    repeated = repeated or plan is found[0][1]
-                    continue
-                tried.append({"result": result, "table": table, "measured": self.measured_speedup(plan, optimized),
-                              "predicted": plan.predicted_speedup, "check_damage": check})
-            chosen = next(t for t in tried if _keys(t["result"][0]) == _keys(found[0][1]))
-            measured, plan = chosen["measured"], found[0][1]
-            if repeated or target <= measured <= target * (1 + SPEED_SLACK) or correction == corrections \
-                    or not plan.changes:
+        again on it, with SPEED_MARGIN to spare. Of the plans measured, the least damaging one (on the
+        held-out calibration data) that measured at least the target is kept, else the fastest measured."""
+        table = self.latency
+        tried: list[dict] = []
+        chosen = self.choose(target, method, rounds, table)
+        while True:
+            plan = chosen[0]
+            measured = self.measured_speedup(plan, chosen[1])
+            tried.append({"result": chosen, "table": table, "measured": measured, "predicted": plan.predicted_speedup,
+                          "check_damage": _kept_check(chosen)})
+            if target <= measured <= target * (1 + SPEED_SLACK) or len(tried) > corrections or not plan.changes:
                 break
             fitted = self._fit_to_tried(tried, target)
             if fitted is None:
@@ -256,7 +237,12 @@ class Study:
             logger.info("lmopt: the plan measured %.2fx (predicted %.2fx): latencies fit to %s, choosing again",
                         measured, plan.predicted_speedup, fitted.fit)
             table = fitted
-            found, history = self._choose_families(target * (1 + SPEED_MARGIN), method, rounds, table)
+            chosen = self.choose(target * (1 + SPEED_MARGIN), method, rounds, table)
+            keys = [c.key for c in chosen[0].changes]
+            again = next((t for t in tried if [c.key for c in t["result"][0].changes] == keys), None)
+            if again is not None:  # the same plan: keep its measurement, now predicted by the fitted table
+                again.update(result=chosen, table=table)
+                break
         met = [t for t in tried if t["measured"] >= target]
         kept = min(met, key=lambda t: t["check_damage"]) if met else max(tried, key=lambda t: t["measured"])
         checks = [{"changes": [c.key for c in t["result"][0].changes], "predicted_speedup": t["predicted"],
@@ -331,9 +317,11 @@ class Study:
         return restore_order(written or optimized, self.prepared.output_order), report
 
 
-def _keys(plan: Plan) -> tuple:
-    """A plan's identity: its changes."""
-    return tuple(c.key for c in plan.changes)
+def _kept_check(chosen: tuple) -> float:
+    """The held-out damage of the plan `Study.choose` returned (chosen: plan, model, repair steps,
+    history), from its history (which holds every DP's rounds)."""
+    keys = [c.key for c in chosen[0].changes]
+    return next(h["check_damage"] for h in chosen[3] if h["changes"] == keys)
 
 
 def _less_damaging(found: tuple, best: tuple) -> bool:

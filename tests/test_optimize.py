@@ -180,30 +180,6 @@ def test_layermerge_keeps_the_removal_only_plan_where_it_is_less_damaging_on_hel
         assert line.endswith(f"its removal-only DP {history[1]['check_damage']:.4f} (kept)")
 
 
-def test_the_other_dps_plan_is_measured_too_and_kept_where_only_it_meets_the_target(study, monkeypatch):
-    # The plan of least held-out damage can measure just short of the target while the removal-only
-    # DP's plan, more damaging on the held-out data, meets it: both are measured, and the one that
-    # meets the target is kept rather than neither.
-    cands = [c for c in study.prepared.candidates if method_filter("prune", c)]
-    best = study.latency.predicted_speedup(fastest(study.prepared.chain_lengths, cands, study.latency.block_ms))
-    targets = [1 + (best - 1) * f for f in (0.5, 0.3, 0.7, 0.4, 0.6)]
-    target, found = next((t, found) for t in targets
-                         if len(found := study._choose_families(t, None, 0, None)[0]) == 2)
-    kept_first, other = (tuple(c.key for c in f[1].changes) for f in found)
-    measured = []
-
-    def short_for_the_first(self, plan, optimized):
-        measured.append(tuple(c.key for c in plan.changes))
-        return target * (0.99 if measured[-1] == kept_first else 1.01)
-
-    monkeypatch.setattr(Study, "measured_speedup", short_for_the_first)
-    plan, _, _, _, _, checks = study.choose_measured(target, rounds=0, corrections=0)
-    assert measured == [kept_first, other]
-    assert [(tuple(c["changes"]), c["kept"]) for c in checks] == [(kept_first, False), (other, True)]
-    assert tuple(c.key for c in plan.changes) == other
-    assert checks[0]["check_damage"] < checks[1]["check_damage"]  # kept for meeting the target, not for its damage
-
-
 def test_warm_run_retimes_and_rescores_nothing(small_resnet, tmp_path, monkeypatch):
     from lmopt.latency import ort_cpu
     calls = {"measure": 0}
@@ -448,20 +424,18 @@ def test_once_plans_measured_on_both_sides_of_the_target_the_next_is_chosen_betw
         saved = max(0.0, original - blocks) / original
         return table.estimate_ms / (table.estimate_ms - original * (0.3 * saved + 0.9 * saved ** 2))
 
-    # (the table each choice was made on, how many plans had been measured then); (plan blocks,
-    # measured speed-up) of each plan measured, the other DP's plan too where they differ
-    tables, measured = [], []
-    chosen_on = Study._choose_families
+    tables, measured = [], []  # the table each plan was chosen on; (plan blocks, measured speed-up)
+    chosen_on = Study.choose
 
-    def recording(self, target, method, rounds, table):
-        tables.append((table, len(measured)))
+    def recording(self, target, method=None, rounds=2, table=None):
+        tables.append(table)
         return chosen_on(self, target, method, rounds, table)
 
     def simulated(self, plan, optimized):
         measured.append((plan.blocks, true_speedup(sum(table.block_ms[c.key] for c in plan.blocks))))
         return measured[-1][1]
 
-    monkeypatch.setattr(Study, "_choose_families", recording)
+    monkeypatch.setattr(Study, "choose", recording)
     monkeypatch.setattr(Study, "measured_speedup", simulated)
     best = true_speedup(fastest(study.prepared.chain_lengths, study.prepared.candidates, table.block_ms))
     prepared = study.prepared
@@ -478,10 +452,9 @@ def test_once_plans_measured_on_both_sides_of_the_target_the_next_is_chosen_betw
     speeds = [m for _, m in measured]
     bracketed = [k for k in range(len(speeds))
                  if min(speeds[:k + 1]) < target < max(speeds[:k + 1]) / (1 + SPEED_SLACK)]
-    k = bracketed[0] if bracketed else None
-    after = [table for table, count in tables if k is not None and count > k]
-    assert after, speeds  # the simulation brackets the target, and a plan is chosen after that
-    between = after[0]  # the table the plans after the bracket were chosen on
+    assert bracketed and bracketed[0] + 1 < len(tables), speeds  # the simulation brackets the target
+    k = bracketed[0]
+    between = tables[k + 1]  # the table the plan after the bracket was chosen on
     assert "either side of the target" in between.fit
     slow = max((p for p in measured[:k + 1] if p[1] < target), key=lambda p: p[1])
     fast = min((p for p in measured[:k + 1] if p[1] > target * (1 + SPEED_SLACK)), key=lambda p: p[1])
