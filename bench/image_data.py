@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 # Split by source image. The motorcycle pair (a stereo pair of one scene) stays on one side.
-# Images of one scene: each later image, listed right after the first, by the scene's first image.
+# Images that show one scene: each further image (listed right after) -> the scene's first image.
 SAME_SCENE = {"skimage:motorcycle_right.png": "skimage:motorcycle_left.png"}
 CALIB_SOURCES = ("skimage:astronaut.png", "skimage:coffee.png", "skimage:rocket.jpg", "skimage:motorcycle_left.png",
                  "skimage:motorcycle_right.png", "skimage:brick.png", "skimage:grass.png", "skimage:camera.png",
