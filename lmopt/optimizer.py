@@ -50,7 +50,7 @@ SPEED_REPEATS = 3  # measurements per plan (while choosing and in the report), o
 # At int8 a plan is quantized for its check, for its measurement and for the written model (each
 # quantization runs calibration and takes seconds on a real CNN); the last few quantized models are
 # kept by content so that each model is quantized once.
-QUANTIZED_KEPT = 4
+QUANTIZED_KEPT = 8
 
 
 class Study:
@@ -154,17 +154,24 @@ class Study:
         plan less damaging on the held-out data is kept: the DP adds up damages measured one block at a
         time, and merged blocks that look cheap alone can cost far more together (bench/RESULTS.md,
         "Removal-only plans")."""
+        found, history = self._choose_families(target, method, rounds, table)
+        return (*found[0][1:], history)
+
+    def _choose_families(self, target: float, method: str | None, rounds: int,
+                         table: LatencyTable | None) -> tuple[list[tuple], list[dict]]:
+        """As `choose`: ([(check damage, plan, built model, repair steps)], history), the plan kept
+        first, then the other DP's plan where it differs."""
         method, table = method or self.method, table or self.latency
         if method != self.method and self.method != "layermerge":
             raise LmoptError(f"this study holds {self.method} candidates only; make one with method={method!r}")
         families = ("layermerge", "prune") if method == "layermerge" else (method,)
-        best, history, checked = None, [], {}
+        found, history, checked = [], [], {}
         for family in families:
-            found, rounds_tried = self._choose_rounds(target, method, family, rounds, table, checked)
+            best, rounds_tried = self._choose_rounds(target, method, family, rounds, table, checked)
             history += rounds_tried
-            if best is None or _less_damaging(found, best):
-                best = found
-        return (*best[1:], history)
+            if all(_changes(best) != _changes(other) for other in found):
+                found.insert(0 if not found or _less_damaging(best, found[0]) else len(found), best)
+        return found, history
 
     def _choose_rounds(self, target: float, method: str, family: str, rounds: int, table: LatencyTable,
                        checked: dict) -> tuple[tuple, list[dict]]:
@@ -217,43 +224,49 @@ class Study:
 
         Block latencies timed alone predict CNN plans a few percent optimistically, more the more a
         plan removes, so a plan predicted to meet the target can measure below it. While the measured
-        speed-up falls outside [target, target * (1 + SPEED_SLACK)], up to `corrections` times, the
-        study's table is fit to the plans measured so far (see _fit_to_tried) and the plan chosen
-        again on it, with SPEED_MARGIN to spare. Of the plans measured, the least damaging one (on the
-        held-out calibration data) that measured at least the target is kept, else the fastest measured."""
-        table = self.latency
-        tried: list[dict] = []
-        chosen = self.choose(target, method, rounds, table)
+        speed-up of the plan `choose` kept falls outside [target, target * (1 + SPEED_SLACK)], up to
+        `corrections` times, the study's table is fit to the kept plans measured so far (see
+        _fit_to_tried) and the plan chosen again on it, with SPEED_MARGIN to spare. Where LayerMerge's
+        two DPs reach different plans, the one not kept is measured too (seconds): it may meet the
+        target where the kept one falls just short. Of all the plans measured, the least damaging one
+        (on the held-out calibration data) that measured at least the target is kept, else the
+        fastest measured."""
+        table, tried = self.latency, []  # tried: one entry per plan measured, in the order measured
+        found, history = self._choose_families(target, method, rounds, table)
         while True:
-            plan = chosen[0]
-            measured = self.measured_speedup(plan, chosen[1])
-            tried.append({"result": chosen, "table": table, "measured": measured, "predicted": plan.predicted_speedup,
-                          "check_damage": _kept_check(chosen)})
-            if target <= measured <= target * (1 + SPEED_SLACK) or len(tried) > corrections or not plan.changes:
+            entry = next((t for t in tried if _changes(t) == _changes(found[0])), None)
+            if entry is not None and entry["chosen"]:  # the same plan again: keep its measurement, now
+                entry.update(result=(*found[0][1:], history), table=table)  # predicted by the fitted table
                 break
-            fitted = self._fit_to_tried(tried, target)
+            for result in found:
+                if all(_changes(t) != _changes(result) for t in tried):
+                    tried.append({"result": (*result[1:], history), "table": table, "chosen": False,
+                                  "measured": self.measured_speedup(result[1], result[2]),
+                                  "predicted": result[1].predicted_speedup, "check_damage": result[0]})
+            entry = next(t for t in tried if _changes(t) == _changes(found[0]))
+            entry.update(result=(*found[0][1:], history), table=table, chosen=True)
+            chosen, plan = [t for t in tried if t["chosen"]], found[0][1]
+            in_band = target <= entry["measured"] <= target * (1 + SPEED_SLACK)
+            if in_band or len(chosen) > corrections or not plan.changes:
+                break
+            fitted = self._fit_to_tried(chosen, target)
             if fitted is None:
                 break
             logger.info("lmopt: the plan measured %.2fx (predicted %.2fx): latencies fit to %s, choosing again",
-                        measured, plan.predicted_speedup, fitted.fit)
+                        entry["measured"], plan.predicted_speedup, fitted.fit)
             table = fitted
-            chosen = self.choose(target * (1 + SPEED_MARGIN), method, rounds, table)
-            keys = [c.key for c in chosen[0].changes]
-            again = next((t for t in tried if [c.key for c in t["result"][0].changes] == keys), None)
-            if again is not None:  # the same plan: keep its measurement, now predicted by the fitted table
-                again.update(result=chosen, table=table)
-                break
+            found, history = self._choose_families(target * (1 + SPEED_MARGIN), method, rounds, table)
         met = [t for t in tried if t["measured"] >= target]
         kept = min(met, key=lambda t: t["check_damage"]) if met else max(tried, key=lambda t: t["measured"])
         checks = [{"changes": [c.key for c in t["result"][0].changes], "predicted_speedup": t["predicted"],
-                   "measured_speedup": t["measured"], "check_damage": t["check_damage"], "kept": t is kept}
-                  for t in tried]
+                   "measured_speedup": t["measured"], "check_damage": t["check_damage"], "chosen": t["chosen"],
+                   "kept": t is kept} for t in tried]
         return (*kept["result"], kept["table"], checks)
 
     def _fit_to_tried(self, tried: list[dict], target: float) -> LatencyTable | None:
-        """The study's table fit to the plans measured so far: through the nearest one on either
-        side of the target once there are both (profile.fit_between), else through the one measured
-        nearest the target and the original (profile.fit_to_measured)."""
+        """The study's table fit to the plans in `tried` (those `choose` kept, measured so far): through
+        the nearest one on either side of the target once there are both (profile.fit_between), else
+        through the one measured nearest the target and the original (profile.fit_to_measured)."""
         def point(t: dict) -> tuple[float, float]:  # (planned ms on the study's own table, measured)
             return sum(self.latency.block_ms[c.key] for c in t["result"][0].blocks), t["measured"]
 
@@ -317,11 +330,11 @@ class Study:
         return restore_order(written or optimized, self.prepared.output_order), report
 
 
-def _kept_check(chosen: tuple) -> float:
-    """The held-out damage of the plan `Study.choose` returned (chosen: plan, model, repair steps,
-    history), from its history (which holds every DP's rounds)."""
-    keys = [c.key for c in chosen[0].changes]
-    return next(h["check_damage"] for h in chosen[3] if h["changes"] == keys)
+def _changes(found) -> tuple:
+    """The keys of the changes of a (check damage, plan, ...) found by Study._choose_families, or of a
+    tried entry of Study.choose_measured."""
+    plan = found["result"][0] if isinstance(found, dict) else found[1]
+    return tuple(c.key for c in plan.changes)
 
 
 def _less_damaging(found: tuple, best: tuple) -> bool:

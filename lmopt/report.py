@@ -170,7 +170,7 @@ def _speed_lines(report) -> list[str]:
     chosen_at = next((c["measured_speedup"] for c in report.speed_checks if c["kept"]), None)
     if len(report.speed_checks) > 1:
         tried = "; ".join(f"{len(c['changes'])} changes predicted {c['predicted_speedup']:.2f}x measured "
-                          f"{c['measured_speedup']:.2f}x{' (kept)' if c['kept'] else ''}" for c in report.speed_checks)
+                          f"{c['measured_speedup']:.2f}x{_speed_check_marks(c)}" for c in report.speed_checks)
         lines.append(f"  plans measured while choosing: {tried}")
     elif chosen_at is not None:
         lines.append(f"  measured {chosen_at:.2f}x while it was chosen")
@@ -253,3 +253,9 @@ def format_report(report: Report) -> str:
     lines.append(format_op_table(report.before, report.after))
     lines.append(f"  ({report.candidates} candidates, {report.seconds} s)")
     return "\n".join(lines)
+
+
+def _speed_check_marks(check: dict) -> str:
+    """' (kept)', ' (the other DP's plan)' or both, for a plan measured while choosing."""
+    marks = ([] if check["chosen"] else ["the other DP's plan"]) + (["kept"] if check["kept"] else [])
+    return "".join(f" ({mark})" for mark in marks)

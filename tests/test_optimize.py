@@ -333,11 +333,18 @@ def test_the_report_says_when_the_measured_speedup_falls_short_of_a_target_met_b
                     measured_ms=[5.0, 5.0 / measured], measured_speedup=measured,
                     speed_checks=[] if while_chosen is None else [
                         {"changes": [], "predicted_speedup": 1.266, "measured_speedup": while_chosen,
-                         "check_damage": 0.1, "kept": True}])
+                         "check_damage": 0.1, "chosen": True, "kept": True}])
     text = format_report(report)
     assert ("measured below the 1.25x target" in text) == warned
     assert why in text
     assert (while_chosen is not None) == (f"{while_chosen}x while it was chosen" in text)
+    # The other DP's plan, measured beside the chosen one and kept because only it met the target.
+    report.speed_checks = [{"changes": ["a"], "predicted_speedup": 1.266, "measured_speedup": 1.22,
+                            "check_damage": 0.1, "chosen": True, "kept": False},
+                           {"changes": ["b"], "predicted_speedup": 1.3, "measured_speedup": 1.27,
+                            "check_damage": 0.2, "chosen": False, "kept": True}]
+    assert ("plans measured while choosing: 1 changes predicted 1.27x measured 1.22x; 1 changes predicted 1.30x "
+            "measured 1.27x (the other DP's plan) (kept)") in format_report(report)
 
 
 def _classifier_fidelity(top1: float, kl: float) -> dict:
@@ -424,18 +431,19 @@ def test_once_plans_measured_on_both_sides_of_the_target_the_next_is_chosen_betw
         saved = max(0.0, original - blocks) / original
         return table.estimate_ms / (table.estimate_ms - original * (0.3 * saved + 0.9 * saved ** 2))
 
-    tables, measured = [], []  # the table each plan was chosen on; (plan blocks, measured speed-up)
-    chosen_on = Study.choose
+    calls, measured = [], []  # (the table, the kept plan's blocks) of each choice; (plan blocks, measured)
+    chosen_on = Study._choose_families
 
-    def recording(self, target, method=None, rounds=2, table=None):
-        tables.append(table)
-        return chosen_on(self, target, method, rounds, table)
+    def recording(self, target, method, rounds, table):
+        found, history = chosen_on(self, target, method, rounds, table)
+        calls.append((table, found[0][1].blocks))
+        return found, history
 
     def simulated(self, plan, optimized):
         measured.append((plan.blocks, true_speedup(sum(table.block_ms[c.key] for c in plan.blocks))))
         return measured[-1][1]
 
-    monkeypatch.setattr(Study, "choose", recording)
+    monkeypatch.setattr(Study, "_choose_families", recording)
     monkeypatch.setattr(Study, "measured_speedup", simulated)
     best = true_speedup(fastest(study.prepared.chain_lengths, study.prepared.candidates, table.block_ms))
     prepared = study.prepared
@@ -449,19 +457,73 @@ def test_once_plans_measured_on_both_sides_of_the_target_the_next_is_chosen_betw
     target = next(t for t in (1 + (best - 1) * f for f in (0.5, 0.4, 0.6, 0.3, 0.7)) if not first_plan_kept(t))
     _, report = study.plan(target, rounds=0, corrections=4)
     assert [c["measured_speedup"] for c in report.speed_checks] == [m for _, m in measured]
-    speeds = [m for _, m in measured]
+    # Each plan is measured once; the fits go through the plans the choices kept (the other DP's
+    # plans measured beside them are only candidates for the final choice).
+    keys = [tuple(c.key for c in blocks) for blocks, _ in measured]
+    assert len(set(keys)) == len(keys)
+    speed_of = {k: m for k, (_, m) in zip(keys, measured)}
+    kept_plans = [tuple(c.key for c in blocks) for _, blocks in calls]
+    assert {tuple(c["changes"]) for c in report.speed_checks if c["chosen"]} == {
+        tuple(c.key for c in blocks if not c.is_original) for _, blocks in calls}
+    speeds = [speed_of[k] for k in kept_plans]
     bracketed = [k for k in range(len(speeds))
                  if min(speeds[:k + 1]) < target < max(speeds[:k + 1]) / (1 + SPEED_SLACK)]
-    assert bracketed and bracketed[0] + 1 < len(tables), speeds  # the simulation brackets the target
+    assert bracketed and bracketed[0] + 1 < len(calls), speeds  # the simulation brackets the target
     k = bracketed[0]
-    between = tables[k + 1]  # the table the plan after the bracket was chosen on
+    between = calls[k + 1][0]  # the table the plan after the bracket was chosen on
     assert "either side of the target" in between.fit
-    slow = max((p for p in measured[:k + 1] if p[1] < target), key=lambda p: p[1])
-    fast = min((p for p in measured[:k + 1] if p[1] > target * (1 + SPEED_SLACK)), key=lambda p: p[1])
-    for blocks, speedup in (slow, fast):  # the line through both predicts what each measured
+    slow = max((s for s in speeds[:k + 1] if s < target))
+    fast = min((s for s in speeds[:k + 1] if s > target * (1 + SPEED_SLACK)))
+    for speedup in (slow, fast):  # the line through both predicts what each measured
+        blocks = calls[speeds.index(speedup)][1]
         assert between.predicted_speedup(sum(between.block_ms[c.key] for c in blocks)) == pytest.approx(speedup)
     kept = [c for c in report.speed_checks if c["kept"]]
     assert len(kept) == 1 and kept[0]["measured_speedup"] >= target
+
+
+def test_the_other_dps_plan_is_measured_once_kept_where_only_it_meets_the_target_and_never_fit_through(
+        study, monkeypatch):
+    # Two real plans of the study stand for what LayerMerge's DP kept (less damaging) and what the
+    # removal-only DP reached; their measurements are scripted, so nothing here depends on timings.
+    table, prepared = study.latency, study.prepared
+    best = table.predicted_speedup(fastest(prepared.chain_lengths, prepared.candidates, table.block_ms))
+    kept_plan, other_plan = (choose(table, prepared.chain_lengths, prepared.candidates, study.scores.damage,
+                                    1 + (best - 1) * f, family, prepared.segments) for f, family in
+                             ((0.3, "layermerge"), (0.8, "prune")))
+    assert kept_plan.changes and [c.key for c in kept_plan.changes] != [c.key for c in other_plan.changes]
+    target = kept_plan.predicted_speedup  # the kept plan measures 3% short of its prediction, the other far past it
+    speed = {id(kept_plan): 0.97 * target, id(other_plan): 1.1 * target}
+    first, second = (0.1, kept_plan, None, []), (0.2, other_plan, None, [])
+    scripted, tables, measured = [[first, second], [first, second]], [], []
+
+    def families(self, target, method, rounds, table):
+        tables.append(table)
+        return scripted[len(tables) - 1], []
+
+    def simulated(self, plan, optimized):
+        measured.append(id(plan))
+        return speed[id(plan)]
+
+    monkeypatch.setattr(Study, "_choose_families", families)
+    monkeypatch.setattr(Study, "measured_speedup", simulated)
+    plan, _, _, _, _, checks = study.choose_measured(target, rounds=0, corrections=2)
+    # The first choice measures both; the kept one falls short, so the table is fit through it
+    # alone (with the original), not between it and the other plan, which measured past the band.
+    assert measured == [id(kept_plan), id(other_plan)]
+    assert len(tables) == 2 and "a plan measured whole" in tables[1].fit
+    # The second choice keeps the same plan again: its measurement stands and the search stops;
+    # the other plan, the only one that measured at least the target, is kept.
+    assert plan is other_plan
+    assert [(c["chosen"], c["kept"]) for c in checks] == [(True, False), (False, True)]
+    assert [c["measured_speedup"] for c in checks] == [speed[id(kept_plan)], speed[id(other_plan)]]
+
+    # A plan measured as the other DP's and kept by a later choice is not measured again: here it
+    # measured within the band, so the search stops at it.
+    tables.clear(), measured.clear()
+    speed[id(other_plan)], scripted[1] = 1.01 * target, [second, first]
+    plan, _, _, _, table_kept, checks = study.choose_measured(target, rounds=0, corrections=2)
+    assert measured == [id(kept_plan), id(other_plan)] and plan is other_plan and table_kept is tables[1]
+    assert [(c["chosen"], c["kept"]) for c in checks] == [(True, False), (True, True)]
 
 
 def test_a_plan_measured_below_its_target_is_chosen_again_on_latencies_fit_to_it(study, monkeypatch):
