@@ -169,7 +169,7 @@ class Study:
         for family in families:
             best, rounds_tried = self._choose_rounds(target, method, family, rounds, table, checked)
             history += rounds_tried
-            if all(_changes(best) != _changes(other) for other in found):
+            if all(_keys(best[1]) != _keys(other[1]) for other in found):
                 found.insert(0 if not found or _less_damaging(best, found[0]) else len(found), best)
         return found, history
 
@@ -231,23 +231,22 @@ class Study:
         target where the kept one falls just short. Of all the plans measured, the least damaging one
         (on the held-out calibration data) that measured at least the target is kept, else the
         fastest measured."""
-        table, tried = self.latency, []  # tried: one entry per plan measured, in the order measured
+        table, tried = self.latency, {}  # by the plan's changes: one entry per plan measured, in the order measured
         found, history = self._choose_families(target, method, rounds, table)
         while True:
-            entry = next((t for t in tried if _changes(t) == _changes(found[0])), None)
-            if entry is not None and entry["chosen"]:  # the same plan again: keep its measurement, now
-                entry.update(result=(*found[0][1:], history), table=table)  # predicted by the fitted table
-                break
-            for result in found:
-                if all(_changes(t) != _changes(result) for t in tried):
-                    tried.append({"result": (*result[1:], history), "table": table, "chosen": False,
-                                  "measured": self.measured_speedup(result[1], result[2]),
-                                  "predicted": result[1].predicted_speedup, "check_damage": result[0]})
-            entry = next(t for t in tried if _changes(t) == _changes(found[0]))
+            plan = found[0][1]
+            repeated = tried.get(_keys(plan), {}).get("chosen", False)  # a plan chosen before comes back
+            if not repeated:
+                for check, other, optimized, repair_steps in found:
+                    if _keys(other) not in tried:
+                        tried[_keys(other)] = {"result": (other, optimized, repair_steps, history), "table": table,
+                                               "measured": self.measured_speedup(other, optimized), "chosen": False,
+                                               "predicted": other.predicted_speedup, "check_damage": check}
+            entry = tried[_keys(plan)]  # the kept plan's measurement, now predicted by this table
             entry.update(result=(*found[0][1:], history), table=table, chosen=True)
-            chosen, plan = [t for t in tried if t["chosen"]], found[0][1]
+            chosen = [t for t in tried.values() if t["chosen"]]
             in_band = target <= entry["measured"] <= target * (1 + SPEED_SLACK)
-            if in_band or len(chosen) > corrections or not plan.changes:
+            if repeated or in_band or len(chosen) > corrections or not plan.changes:
                 break
             fitted = self._fit_to_tried(chosen, target)
             if fitted is None:
@@ -256,11 +255,12 @@ class Study:
                         entry["measured"], plan.predicted_speedup, fitted.fit)
             table = fitted
             found, history = self._choose_families(target * (1 + SPEED_MARGIN), method, rounds, table)
-        met = [t for t in tried if t["measured"] >= target]
-        kept = min(met, key=lambda t: t["check_damage"]) if met else max(tried, key=lambda t: t["measured"])
+        measured = list(tried.values())
+        met = [t for t in measured if t["measured"] >= target]
+        kept = min(met, key=lambda t: t["check_damage"]) if met else max(measured, key=lambda t: t["measured"])
         checks = [{"changes": [c.key for c in t["result"][0].changes], "predicted_speedup": t["predicted"],
                    "measured_speedup": t["measured"], "check_damage": t["check_damage"], "chosen": t["chosen"],
-                   "kept": t is kept} for t in tried]
+                   "kept": t is kept} for t in measured]
         return (*kept["result"], kept["table"], checks)
 
     def _fit_to_tried(self, tried: list[dict], target: float) -> LatencyTable | None:
@@ -330,10 +330,8 @@ class Study:
         return restore_order(written or optimized, self.prepared.output_order), report
 
 
-def _changes(found) -> tuple:
-    """The keys of the changes of a (check damage, plan, ...) found by Study._choose_families, or of a
-    tried entry of Study.choose_measured."""
-    plan = found["result"][0] if isinstance(found, dict) else found[1]
+def _keys(plan: Plan) -> tuple:
+    """A plan's identity: its changes."""
     return tuple(c.key for c in plan.changes)
 
 
