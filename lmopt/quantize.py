@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .errors import LmoptError, one_line
 from .graph import copy_model
 from .onnxio import runtime_compatible
+from .runtime import ort_log_severity_at
+
+logger = logging.getLogger(__name__)
 
 CALIBRATION_COUNT = 32  # samples that set the activation ranges (evenly spaced over the given feeds)
 # 7 or 8: the weight bits wanted whatever this CPU is (for a model deployed on another CPU than lmopt runs on)
@@ -74,13 +76,23 @@ class _Reader:
         return next(self._items, None)
 
 
-class _NoPreProcessingAdvice(logging.Filter):
-    """onnxruntime.quantization advises pre-processing on the root logger at every call. lmopt's models
-    are canonical already (shapes inferred, constants folded), and its symbolic shape inference
-    costs seconds per block, so blocks and final models are quantized without it, alike."""
+class _QuantizerNoise(logging.Filter):
+    """onnxruntime.quantization logs to the root logger: at every call it advises pre-processing (lmopt's
+    models are canonical already, shapes inferred and constants folded, and its symbolic shape
+    inference costs seconds per block, so blocks and final models are quantized without it, alike),
+    and at INFO one line per weight channel whose scale it raised so that the bias stays
+    representable (hundreds on a real CNN; counted here and said once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.raised_scales = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing" not in record.getMessage()
+        message = record.getMessage()
+        if message.startswith("Increased scale["):
+            self.raised_scales += 1
+            return False
+        return "pre-processing" not in message
 
 
 def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
@@ -93,17 +105,19 @@ def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
     with tempfile.TemporaryDirectory(prefix="lmopt-int8-") as folder:
         source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
         onnx.save(runtime_compatible(copy_model(model)), source)
-        advice = _NoPreProcessingAdvice()
-        logging.getLogger().addFilter(advice)
+        noise = _QuantizerNoise()
+        logging.getLogger().addFilter(noise)
         # Its calibration sessions use ORT's default logger, which warns of every initializer they
         # find unused ("Removing initializer ..."): noise to a user, not an error.
-        ort.set_default_logger_severity(3)
         try:
-            quantize_static(str(source), str(target), _Reader([feeds[i] for i in picks]), **settings())
+            with ort_log_severity_at(3):
+                quantize_static(str(source), str(target), _Reader([feeds[i] for i in picks]), **settings())
         except Exception as exc:  # noqa: BLE001 - onnxruntime.quantization raises plain exceptions
             raise LmoptError(f"INT8 quantization failed: {one_line(exc, type(exc).__name__)}") from None
         finally:
-            logging.getLogger().removeFilter(advice)
-            ort.set_default_logger_severity(2)  # ORT's default; it has no getter to restore from
+            logging.getLogger().removeFilter(noise)
+        if noise.raised_scales:
+            logger.debug("lmopt: onnxruntime.quantization raised %d weight channels' scales so that their biases "
+                         "stay representable in int32", noise.raised_scales)
         quantized = onnx.load(str(target))
     return quantized

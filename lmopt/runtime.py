@@ -1,6 +1,9 @@
 """Run models in onnxruntime (CPU): sessions, and outputs over many feeds, batched where the model allows."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,6 +13,32 @@ from .errors import LmoptError, one_line
 from .onnxio import runtime_compatible
 
 BATCH = 32  # feeds run together when the model allows it
+# ONNX Runtime's default logger severity has a setter and no getter: lmopt sets it through
+# set_ort_log_severity and keeps what it set here, so that a temporary change is undone to it.
+_ort_log_severity = 2  # ORT's own default (warnings)
+
+
+def set_ort_log_severity(level: int) -> None:
+    """ONNX Runtime's default logger severity (0 verbose .. 4 fatal), remembered for ort_log_severity."""
+    global _ort_log_severity
+    ort.set_default_logger_severity(level)
+    _ort_log_severity = level
+
+
+def ort_log_severity() -> int:
+    """The default logger severity lmopt last set (ORT's default, 2, before that)."""
+    return _ort_log_severity
+
+
+@contextlib.contextmanager
+def ort_log_severity_at(level: int) -> Iterator[None]:
+    """ONNX Runtime's default logger at `level` for a while, then back at what it was."""
+    previous = _ort_log_severity
+    set_ort_log_severity(level)
+    try:
+        yield
+    finally:
+        set_ort_log_severity(previous)
 
 
 def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:

@@ -92,39 +92,58 @@ def _damage_or_inf(fidelity: dict) -> float:
 
 
 def measure(runner: LatencyBackend | None, original: onnx.ModelProto, optimized: onnx.ModelProto,
-            parts: dict[str, onnx.ModelProto], runs: int = 1) -> tuple[list[float] | None, float | None,
-                                                                       dict[str, float]]:
-    """([original ms, optimized ms], speed-up, speed-up of each of `parts`), nothing without a runner.
-    Each model is measured as a pair with the original, interleaved in one process, as plans are
-    measured while they are chosen: timed among four models, a quantized plan measured about 1.5%
-    slower against the original than in its pair (bench/RESULTS.md). Each figure is the pair
-    measurement of median speed-up among `runs` (one varies by a few percent). A part that is
-    `optimized`, or the same model as another part, is measured once."""
+            parts: dict[str, onnx.ModelProto], runs: int = 1, edges: tuple[float, ...] = (),
+            most_runs: int = 0) -> tuple[list[float] | None, float | None, dict[str, float], int]:
+    """([original ms, optimized ms], speed-up, speed-up of each of `parts`, measurements of `optimized`
+    taken), nothing without a runner. Each model is measured as a pair with the original, interleaved
+    in one process, as plans are measured while they are chosen: timed among four models, a quantized
+    plan measured about 1.5% slower against the original than in its pair (bench/RESULTS.md). Each
+    figure is the pair measurement of median speed-up among `runs` (one varies by a few percent). A
+    part that is `optimized`, or the same model as another part, is measured once.
+
+    `edges`: speed-ups that decide something (the target): while one of them lies between the two
+    speed-ups of `optimized` either side of the median one, which side of it the plan is on is not
+    clear, and two more measurements are taken, up to `most_runs` in all (an odd count keeps the
+    median one measurement; the outer ones, the noisiest, stop counting as more come)."""
     if runner is None:
-        return None, None, {}
+        return None, None, {}, 0
 
-    def median_pair(model: onnx.ModelProto) -> list[float]:
+    def speedup(ms: list[float]) -> float:
+        return ms[0] / ms[1]
+
+    def undecided(measurements: list[list[float]]) -> bool:
+        ranked, middle = sorted(map(speedup, measurements)), len(measurements) // 2
+        below, above = ranked[max(middle - 1, 0)], ranked[min(middle + 1, len(ranked) - 1)]
+        return any(below < edge < above for edge in edges)
+
+    def median_pair(model: onnx.ModelProto, edges: tuple[float, ...] = ()) -> list[list[float]]:
         measurements = [runner.measure_interleaved([original, model]) for _ in range(runs)]
-        return sorted(measurements, key=lambda ms: ms[0] / ms[1])[len(measurements) // 2]
+        while len(measurements) + 2 <= most_runs and undecided(measurements):
+            measurements += [runner.measure_interleaved([original, model]) for _ in range(2)]
+        return sorted(measurements, key=speedup)
 
-    ms_of = {id(optimized): median_pair(optimized)}
+    taken = median_pair(optimized, edges)
+    ms_of = {id(optimized): taken[len(taken) // 2]}
     for model in parts.values():
         if id(model) not in ms_of:
-            ms_of[id(model)] = median_pair(model)
-    speedups = {name: ms_of[id(model)][0] / ms_of[id(model)][1] for name, model in parts.items()}
+            measurements = median_pair(model)
+            ms_of[id(model)] = measurements[len(measurements) // 2]
+    speedups = {name: speedup(ms_of[id(model)]) for name, model in parts.items()}
     measured_ms = ms_of[id(optimized)]
-    return measured_ms, measured_ms[0] / measured_ms[1], speedups
+    return measured_ms, speedup(measured_ms), speedups, len(taken)
 
 
 def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.ModelProto, eval_feeds: list[dict],
            scores: dict[str, float], *, runner: LatencyBackend | None, earlier: dict[str, onnx.ModelProto],
            parts: dict[str, onnx.ModelProto] | None = None, baselines: dict[str, onnx.ModelProto] | None = None,
-           timed: tuple[onnx.ModelProto, onnx.ModelProto] | None = None, **details) -> Report:
+           timed: tuple[onnx.ModelProto, onnx.ModelProto] | None = None, most_runs: int = 0,
+           **details) -> Report:
     """The Report of `optimized`, made from `plan`: fidelity on `eval_feeds`, also of the `earlier`
     models (by the step that followed them) and of `baselines`, and speed measured on `runner` where
     given, with each of `parts` (e.g. depth alone, precision alone) and of `baselines` measured
     alongside; `timed`: the (original, optimized) pair to time instead of the fixed-shape ones (same
-    plan; baselines are then not timed). `details`
+    plan; baselines are then not timed); `most_runs`: measurements of it taken at most while the target
+    lies among them (see measure). `details`
     fill the Report's remaining fields (rounds, repair, distill, importance_data, refit, target)."""
     onnx.checker.check_model(optimized)
     reference = run_outputs(prepared.model, eval_feeds)
@@ -136,8 +155,9 @@ def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.
     parts, baselines = parts or {}, baselines or {}
     # A baseline is a model at the planning shapes: timed only where the plan is timed at them.
     timed_baselines = baselines if timed is None else {}
-    measured_ms, measured, speedups = measure(runner, *(timed or (prepared.model, optimized)),
-                                              {**parts, **timed_baselines}, details.get("measured_runs", 1))
+    measured_ms, measured, speedups, details["measured_runs"] = measure(
+        runner, *(timed or (prepared.model, optimized)), {**parts, **timed_baselines}, details.get("measured_runs", 1),
+        (details["target"],) if details.get("target") else (), most_runs)
     return Report(
         method=plan.method, backend=table.backend, latency_source=table.source, latency_scale=table.scale,
         latency_fit=table.fit,

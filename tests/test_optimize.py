@@ -439,9 +439,9 @@ def test_once_plans_measured_on_both_sides_of_the_target_the_next_is_chosen_betw
         calls.append((table, found[0][1].blocks))
         return found, history
 
-    def simulated(self, plan, optimized):
+    def simulated(self, plan, optimized, edges=()):
         measured.append((plan.blocks, true_speedup(sum(table.block_ms[c.key] for c in plan.blocks))))
-        return measured[-1][1]
+        return measured[-1][1], 3
 
     monkeypatch.setattr(Study, "_choose_families", recording)
     monkeypatch.setattr(Study, "measured_speedup", simulated)
@@ -500,9 +500,11 @@ def test_the_other_dps_plan_is_measured_once_kept_where_only_it_meets_the_target
         tables.append(table)
         return scripted[len(tables) - 1], []
 
-    def simulated(self, plan, optimized):
+    def simulated(self, plan, optimized, edges=()):
+        # Measured until clear of the band's edges, where the target and the band's top decide.
+        assert edges == (target, target * (1 + SPEED_SLACK))
         measured.append(id(plan))
-        return speed[id(plan)]
+        return speed[id(plan)], 3
 
     monkeypatch.setattr(Study, "_choose_families", families)
     monkeypatch.setattr(Study, "measured_speedup", simulated)
@@ -526,6 +528,42 @@ def test_the_other_dps_plan_is_measured_once_kept_where_only_it_meets_the_target
     assert [(c["chosen"], c["kept"]) for c in checks] == [(True, False), (True, True)]
 
 
+def test_where_every_plan_fell_short_the_table_is_fit_through_the_one_that_saved_least_per_table_ms(study):
+    # Two real plans with scripted measurements: the shallow one saved 90% of what the table said,
+    # the deep one (far more blocks removed on the table) measured a little slower still, so the fit
+    # through the one nearest the target would not be the most pessimistic (or optimistic) one.
+    table, prepared = study.latency, study.prepared
+    best = table.predicted_speedup(fastest(prepared.chain_lengths, prepared.candidates, table.block_ms))
+    shallow, deep = (choose(table, prepared.chain_lengths, prepared.candidates, study.scores.damage,
+                            1 + (best - 1) * f, "layermerge", prepared.segments) for f in (0.3, 0.8))
+    assert shallow.planned_ms > deep.planned_ms
+    shallow_speedup = 1 + 0.9 * (shallow.predicted_speedup - 1)
+    deep_speedup = 0.98 * shallow_speedup
+
+    def entry(plan, measured):
+        return {"result": (plan,), "measured": measured}
+
+    def predicted(fitted, plan):
+        return fitted.predicted_speedup(sum(fitted.block_ms[c.key] for c in plan.blocks))
+
+    measured = [entry(shallow, shallow_speedup), entry(deep, deep_speedup)]
+    # Both short of a target at the shallow plan's prediction: through the deep one, the pessimist.
+    fitted = study._fit_to_tried(measured, shallow.predicted_speedup)
+    assert predicted(fitted, deep) == pytest.approx(deep_speedup) and predicted(fitted, shallow) < shallow_speedup
+    # Both past the band of a lower target: through the shallow one, the optimist.
+    low_target = 1 + 0.5 * (shallow.predicted_speedup - 1)
+    assert deep_speedup > low_target * (1 + SPEED_SLACK)
+    fitted = study._fit_to_tried(measured, low_target)
+    assert predicted(fitted, shallow) == pytest.approx(shallow_speedup) and predicted(fitted, deep) > deep_speedup
+    # One on either side: the line through both, as before.
+    fast_speedup = 1 + 0.9 * (deep.predicted_speedup - 1)
+    assert fast_speedup > shallow.predicted_speedup * (1 + SPEED_SLACK)
+    fitted = study._fit_to_tried([entry(shallow, shallow_speedup), entry(deep, fast_speedup)],
+                                 shallow.predicted_speedup)
+    assert "either side" in fitted.fit
+    assert [predicted(fitted, p) for p in (shallow, deep)] == pytest.approx([shallow_speedup, fast_speedup])
+
+
 def test_a_plan_measured_below_its_target_is_chosen_again_on_latencies_fit_to_it(study, monkeypatch):
     # A runtime where removing blocks saves 70% of what the table says: CNN plans on ONNX Runtime
     # CPU saved about 80% (bench/RESULTS.md). The first plan measures below the target; the plan
@@ -538,9 +576,9 @@ def test_a_plan_measured_below_its_target_is_chosen_again_on_latencies_fit_to_it
 
     measured = []
 
-    def simulated(self, plan, optimized):
+    def simulated(self, plan, optimized, edges=()):
         measured.append(true_speedup(sum(table.block_ms[c.key] for c in plan.blocks)))
-        return measured[-1]
+        return measured[-1], 3
 
     monkeypatch.setattr(Study, "measured_speedup", simulated)
     best = true_speedup(fastest(study.prepared.chain_lengths, study.prepared.candidates, table.block_ms))
@@ -577,12 +615,45 @@ def test_the_report_takes_the_measurement_of_median_speed_up_each_model_paired_w
             assert len(models) == 2 and models[0] is original
             return self.answers[id(models[1])].pop(0)
 
-    ms, speedup, parts = measure(Runner(), original, optimized, {"depth": depth, "same": optimized}, runs=3)
+    ms, speedup, parts, runs = measure(Runner(), original, optimized, {"depth": depth, "same": optimized}, runs=3)
     # optimized: speed-ups 2.0, 1.25, 1.5, the median is the third pair, taken whole; depth: 1.25, 1.0, 2.0
-    assert ms == [12.0, 8.0] and speedup == 1.5 and parts == {"depth": 1.25, "same": 1.5}
+    assert ms == [12.0, 8.0] and speedup == 1.5 and parts == {"depth": 1.25, "same": 1.5} and runs == 3
     single = Runner()
     assert measure(single, original, optimized, {"depth": depth})[1] == 2.0
     assert [len(a) for a in single.answers.values()] == [2, 2]  # one pair each, `optimized` not again
+
+
+def test_a_plan_is_measured_again_while_a_deciding_speedup_lies_among_its_measurements():
+    from lmopt.verify import measure
+
+    original, optimized = onnx.ModelProto(), onnx.ModelProto()
+
+    class Runner:  # scripted interleaved pairs [original ms, plan ms]: the plan's speed-up is 10 / ms
+        def __init__(self, speedups):
+            self.pairs = [[10.0, 10.0 / s] for s in speedups]
+            self.taken = 0
+
+        def measure_interleaved(self, models):
+            self.taken += 1
+            return self.pairs.pop(0)
+
+    def measured(speedups, edges, most_runs=7):
+        runner = Runner(speedups)
+        _, speedup, _, runs = measure(runner, original, optimized, {}, 3, edges, most_runs)
+        assert runs == runner.taken
+        return pytest.approx(speedup), runs
+
+    # The target 1.25 lies between the measurements either side of the median (at first the lowest
+    # and the highest): two more each time, until it no longer does or 7 are taken.
+    clears = [1.24, 1.27, 1.26, 1.255, 1.262]  # five: 1.255 < median 1.26 < 1.262, clear of 1.25
+    assert measured(clears, (1.25,)) == (1.26, 5)
+    stays = [1.24, 1.27, 1.26, 1.245, 1.255, 1.248, 1.258]  # five: 1.245 < 1.25 < 1.26; seven: the cap
+    assert measured(stays, (1.25,)) == (1.255, 7)
+    assert measured(stays, (1.25,), most_runs=5) == (1.255, 5)
+    assert measured(stays, (1.25,), most_runs=0) == (1.26, 3)  # the report without most_runs: as before
+    assert measured(stays, (1.2, 1.3)) == (1.26, 3)  # clear of every edge: three decide
+    # The band's top decides too: a plan measured around 1.30 against a band [1.25, 1.30].
+    assert measured([1.29, 1.32, 1.31, 1.33, 1.34], (1.25, 1.3)) == (1.32, 5)
 
 
 def test_an_fp32_report_on_ort_cpu_shows_int8_alone_beside_the_plan(study):

@@ -1,6 +1,8 @@
 """--precision int8 on ONNX Runtime CPU: the QDQ path's numerics, int8 block timing, and depth and
 precision stacked under one budget. Speed is never asserted (bench/bench_precision.py measures it);
 what must hold is asserted."""
+import logging
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -61,6 +63,34 @@ def test_quantization_does_not_warn_of_initializers_it_leaves_unused(capfd):
     quantized = quantize_int8(model, feeds)
     assert "Removing initializer" not in capfd.readouterr().err
     assert "QuantizeLinear" in [n.op_type for n in quantized.graph.node]
+
+
+def test_quantization_says_once_how_many_weight_scales_it_raised_and_restores_ort_logging(caplog):
+    """A conv with tiny weights and large biases: onnxruntime.quantization raises each channel's weight
+    scale so the bias stays representable and logs a line per channel at INFO on the root logger;
+    lmopt counts them into one DEBUG line. ORT's default logger goes back to what lmopt last set."""
+    from lmopt.runtime import ort_log_severity, set_ort_log_severity
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(1e-7 * rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.full(6, 100.0, np.float32), "b")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 6, 8, 8])],
+                                   [weight, bias])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.random((1, 3, 8, 8), np.float32)} for _ in range(4)]
+    set_ort_log_severity(4)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            quantize_int8(model, feeds)
+        assert ort_log_severity() == 4
+    finally:
+        set_ort_log_severity(2)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if m.startswith("Increased scale[")]
+    assert "lmopt: onnxruntime.quantization raised 6 weight channels' scales so that their biases stay " \
+           "representable in int32" in messages
 
 
 @pytest.mark.parametrize("flags, lacks", [

@@ -65,9 +65,9 @@ def show_messages(quiet: bool) -> Iterator[None]:
 
 def quiet_onnxruntime() -> None:
     """ONNX Runtime logs warnings (graph optimizer notes) to stderr by default: errors only."""
-    import onnxruntime
+    from ..runtime import set_ort_log_severity
 
-    onnxruntime.set_default_logger_severity(3)
+    set_ort_log_severity(3)
 
 
 def main(argv: list[str] | None = None) -> int:
