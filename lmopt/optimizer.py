@@ -236,9 +236,10 @@ class Study:
         `corrections` times, the study's table is fit to the kept plans measured so far (see
         _fit_to_tried) and the plan chosen again on it, with SPEED_MARGIN to spare. Where LayerMerge's
         two DPs reach different plans, the one not kept is measured too (seconds): it may meet the
-        target where the kept one falls just short. Of all the plans measured, the least damaging one
-        (on the held-out calibration data) that measured at least the target is kept, else the
-        fastest measured."""
+        target where the kept one falls just short. Each plan is measured again, up to
+        SPEED_REPEATS_MOST times in all, while an end of the band lies among its measurements. Of all
+        the plans measured, the least damaging one (on the held-out calibration data) that measured at
+        least the target is kept, else the fastest measured."""
         table, tried = self.latency, {}  # by the plan's changes: one entry per plan measured, in the order measured
         band = (target, target * (1 + SPEED_SLACK))
         found, history = self._choose_families(target, method, rounds, table)

@@ -656,6 +656,20 @@ def test_a_plan_is_measured_again_while_a_deciding_speedup_lies_among_its_measur
     assert measured([1.29, 1.32, 1.31, 1.33, 1.34], (1.25, 1.3)) == (1.32, 5)
 
 
+def test_the_report_measures_the_plan_again_while_the_target_lies_among_its_measurements(study, monkeypatch):
+    import lmopt.verify
+
+    seen, measure = [], lmopt.verify.measure
+
+    def recording(runner, original, optimized, parts, runs=1, edges=(), most_runs=0):
+        seen.append((runs, edges, most_runs))
+        return measure(runner, original, optimized, parts, runs, edges, most_runs)
+
+    monkeypatch.setattr(lmopt.verify, "measure", recording)
+    _, report = study.plan(1.3, rounds=0, corrections=0)
+    assert seen == [(3, (1.3,), 7)] and report.measured_runs in (3, 5, 7)
+
+
 def test_an_fp32_report_on_ort_cpu_shows_int8_alone_beside_the_plan(study):
     from lmopt.quantize import quantize_int8
 
