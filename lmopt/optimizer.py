@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 SPEED_SLACK = 0.04
 SPEED_MARGIN = 0.01
 SPEED_REPEATS = 3  # measurements per plan (while choosing and in the report), of which the median counts
-# ... and up to this many where the target (or the band's top, while choosing) lies among the first
-# ones' speed-ups: a plan within a measurement's noise of the target kept or dropped on one draw made
-# lmopt's choice, and its figures, move from run to run (bench/RESULTS.md, "Measured until clear").
+# ... and up to this many while the target (or, while choosing, the band's top) lies among them: a
+# plan within noise of the target was kept or dropped on one draw, so that lmopt's choice and its
+# reported speed-up moved from run to run (bench/RESULTS.md, "Measured until clear").
 SPEED_REPEATS_MOST = 7
 # At int8 a plan is quantized for its check, for its measurement and for the written model (each
 # quantization runs calibration and takes seconds on a real CNN); the last few quantized models are
