@@ -348,7 +348,7 @@ class Study:
                         repair=[step.to_json() for step in repair_steps] if repair_steps else None,
                         distill=None if distilled is None else distilled.to_json(),
                         importance_data=self.data.note, refit=self.refits.enabled, symbolic_dims=symbolic_note,
-                        measured_models=timed_note, measured_runs=SPEED_REPEATS, most_runs=SPEED_REPEATS_MOST,
+                        measured_models=timed_note, runs=SPEED_REPEATS, most_runs=SPEED_REPEATS_MOST,
                         quantization=describe_quantization() if self.precision == "int8" or baselines else "",
                         seconds=round(self.seconds + time.perf_counter() - started, 1))
         return restore_order(written or optimized, self.prepared.output_order), report

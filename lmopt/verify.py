@@ -111,39 +111,38 @@ def measure(runner: LatencyBackend | None, original: onnx.ModelProto, optimized:
     def speedup(ms: list[float]) -> float:
         return ms[0] / ms[1]
 
-    def undecided(measurements: list[list[float]]) -> bool:
+    def undecided(measurements: list[list[float]], edges: tuple[float, ...]) -> bool:
         ranked, middle = sorted(map(speedup, measurements)), len(measurements) // 2
         below, above = ranked[max(middle - 1, 0)], ranked[min(middle + 1, len(ranked) - 1)]
         return any(below < edge < above for edge in edges)
 
-    def median_pair(model: onnx.ModelProto, edges: tuple[float, ...] = ()) -> list[list[float]]:
+    def median_pair(model: onnx.ModelProto, edges: tuple[float, ...] = ()) -> tuple[list[float], int]:
+        """(the pair measurement of median speed-up, measurements taken)"""
         measurements = [runner.measure_interleaved([original, model]) for _ in range(runs)]
-        while len(measurements) + 2 <= most_runs and undecided(measurements):
+        while len(measurements) + 2 <= most_runs and undecided(measurements, edges):
             measurements += [runner.measure_interleaved([original, model]) for _ in range(2)]
-        return sorted(measurements, key=speedup)
+        return sorted(measurements, key=speedup)[len(measurements) // 2], len(measurements)
 
-    taken = median_pair(optimized, edges)
-    ms_of = {id(optimized): taken[len(taken) // 2]}
+    measured_ms, taken = median_pair(optimized, edges)
+    ms_of = {id(optimized): measured_ms}
     for model in parts.values():
         if id(model) not in ms_of:
-            measurements = median_pair(model)
-            ms_of[id(model)] = measurements[len(measurements) // 2]
+            ms_of[id(model)] = median_pair(model)[0]
     speedups = {name: speedup(ms_of[id(model)]) for name, model in parts.items()}
-    measured_ms = ms_of[id(optimized)]
-    return measured_ms, speedup(measured_ms), speedups, len(taken)
+    return measured_ms, speedup(measured_ms), speedups, taken
 
 
 def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.ModelProto, eval_feeds: list[dict],
            scores: dict[str, float], *, runner: LatencyBackend | None, earlier: dict[str, onnx.ModelProto],
            parts: dict[str, onnx.ModelProto] | None = None, baselines: dict[str, onnx.ModelProto] | None = None,
-           timed: tuple[onnx.ModelProto, onnx.ModelProto] | None = None, most_runs: int = 0,
+           timed: tuple[onnx.ModelProto, onnx.ModelProto] | None = None, runs: int = 1, most_runs: int = 0,
            **details) -> Report:
     """The Report of `optimized`, made from `plan`: fidelity on `eval_feeds`, also of the `earlier`
     models (by the step that followed them) and of `baselines`, and speed measured on `runner` where
     given, with each of `parts` (e.g. depth alone, precision alone) and of `baselines` measured
     alongside; `timed`: the (original, optimized) pair to time instead of the fixed-shape ones (same
-    plan; baselines are then not timed); `most_runs`: measurements of it taken at most while the target
-    lies among them (see measure). `details`
+    plan; baselines are then not timed); `runs`, `most_runs`: measurements of it taken, and taken at
+    most while the target lies among them (see measure). `details`
     fill the Report's remaining fields (rounds, repair, distill, importance_data, refit, target)."""
     onnx.checker.check_model(optimized)
     reference = run_outputs(prepared.model, eval_feeds)
@@ -155,14 +154,15 @@ def verify(prepared: Prepared, table: LatencyTable, plan: Plan, optimized: onnx.
     parts, baselines = parts or {}, baselines or {}
     # A baseline is a model at the planning shapes: timed only where the plan is timed at them.
     timed_baselines = baselines if timed is None else {}
-    measured_ms, measured, speedups, details["measured_runs"] = measure(
-        runner, *(timed or (prepared.model, optimized)), {**parts, **timed_baselines}, details.get("measured_runs", 1),
+    measured_ms, measured, speedups, measured_runs = measure(
+        runner, *(timed or (prepared.model, optimized)), {**parts, **timed_baselines}, runs,
         (details["target"],) if details.get("target") else (), most_runs)
     return Report(
         method=plan.method, backend=table.backend, latency_source=table.source, latency_scale=table.scale,
         latency_fit=table.fit,
         target_met=plan.target_met, original_ms=table.fp32_ms, predicted_ms=table.fp32_ms / plan.predicted_speedup,
         predicted_speedup=plan.predicted_speedup, measured_ms=measured_ms, measured_speedup=measured,
+        measured_runs=measured_runs,
         fidelity=fidelity(optimized), precision=table.precision,
         speedup_parts={name: speedups[name] for name in parts if name in speedups},
         baselines={name: fidelity(model) for name, model in baselines.items()},

@@ -652,6 +652,17 @@ def test_a_plan_is_measured_again_while_a_deciding_speedup_lies_among_its_measur
     assert measured(stays, (1.25,), most_runs=5) == (1.255, 5)
     assert measured(stays, (1.25,), most_runs=0) == (1.26, 3)  # the report without most_runs: as before
     assert measured(stays, (1.2, 1.3)) == (1.26, 3)  # clear of every edge: three decide
+    # A part (depth alone, a baseline) is measured `runs` times whatever the edges: only the plan is.
+    part = onnx.ModelProto()
+
+    class Both(Runner):
+        def measure_interleaved(self, models):
+            self.taken += 1
+            return self.pairs.pop(0) if models[1] is optimized else [10.0, 10.0 / stays[self.taken % 3]]
+
+    both = Both([1.3, 1.31, 1.32])
+    _, _, parts, runs = measure(both, original, optimized, {"part": part}, 3, (1.25,), 7)
+    assert runs == 3 and both.taken == 6 and parts == {"part": pytest.approx(1.26)}
     # The band's top decides too: a plan measured around 1.30 against a band [1.25, 1.30].
     assert measured([1.29, 1.32, 1.31, 1.33, 1.34], (1.25, 1.3)) == (1.32, 5)
 
